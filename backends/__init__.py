@@ -1,0 +1,1 @@
+"""One adapter per framework, installed as ``xfer.backends``; each imports its framework."""

@@ -1,0 +1,59 @@
+"""One test session per framework, plus lint.
+
+    nox                      # lint and all four test sessions
+    nox -s tests-flax        # one of them
+    nox -s tests-torch -- -k adamw   # pytest arguments after --
+
+Each session installs only its framework; torch is pinned through constraints.txt
+(a newer torch would pull several GB of CUDA packages). Keras reads KERAS_BACKEND
+once per process, hence one session per Keras engine.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["lint", "tests-torch"]
+
+CONSTRAINTS = ("-c", "constraints.txt")
+# session backend id -> (extras to install, environment)
+BACKENDS = {
+    "torch": (["torch"], {}),
+    "keras-jax": (["keras"], {"KERAS_BACKEND": "jax"}),
+    "keras-torch": (["keras", "torch"], {"KERAS_BACKEND": "torch"}),
+    "flax": (["flax"], {}),
+}
+
+
+def _make_tests(backend: str, extras: list[str], env: dict[str, str]):
+    @nox.session(name=f"tests-{backend}")
+    def tests(session: nox.Session) -> None:
+        session.install(*CONSTRAINTS, f".[{','.join([*extras, 'dev'])}]")
+        keras_home = tempfile.mkdtemp(prefix="xfer-keras-")
+        session.run(
+            "pytest",
+            *session.posargs,
+            env={
+                "XFER_TEST_BACKENDS": backend,
+                "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+                "KERAS_HOME": keras_home,
+                **env,
+            },
+        )
+
+    return tests
+
+
+for _backend, (_extras, _env) in BACKENDS.items():
+    globals()[f"tests_{_backend.replace('-', '_')}"] = _make_tests(_backend, _extras, _env)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")

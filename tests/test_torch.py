@@ -1,0 +1,91 @@
+"""PyTorch-specific guarantees, each beside the native behaviour it protects against."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import xfer
+from kits import data
+from xfer import select as S
+
+pytestmark = pytest.mark.backends("torch")
+torch = pytest.importorskip("torch")
+
+
+def _step(model, opt, x, y):
+    opt.zero_grad(set_to_none=False)  # keeps zero-filled gradients, as older code does
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def _nchw(kit):
+    x, y = data()
+    return torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(y)
+
+
+def _train_one_step_then_freeze(kit, freeze):
+    model = kit.model()
+    x, y = _nchw(kit)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model.train()
+    _step(model, opt, x, y)
+    freeze(model)
+    before = xfer.snapshot(model)
+    for _ in range(3):
+        _step(model, opt, x, y)
+    return before, xfer.snapshot(model)
+
+
+def test_native_requires_grad_false_does_not_protect_from_adamw_with_stale_gradients(kit):
+    before, after = _train_one_step_then_freeze(kit, lambda m: m.base.requires_grad_(False))
+    assert not np.array_equal(before["base.block1.conv.weight"], after["base.block1.conv.weight"])
+
+
+def test_xfer_freeze_is_safe_from_adamw_with_stale_gradients(kit):
+    before, after = _train_one_step_then_freeze(kit, lambda m: xfer.freeze(m, S.path("base.**")))
+    for key in before:
+        if key.startswith("base."):
+            np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+    assert not np.array_equal(before["head.dense.weight"], after["head.dense.weight"])
+
+
+def test_native_parent_train_undoes_child_eval_but_not_an_xfer_pin(kit):
+    x, _ = _nchw(kit)
+    native, pinned = kit.model(), kit.model()
+    native.base.eval()
+    xfer.set_mode(pinned, "inference", S.path("base.**"))
+    for model in (native, pinned):
+        model.train()  # what every training loop does each epoch
+        with torch.no_grad():
+            model(x)
+    assert native.base.block1.bn.training  # the native trap
+    assert int(native.base.block1.bn.num_batches_tracked) == 1
+    assert not pinned.base.block1.bn.training
+    assert int(pinned.base.block1.bn.num_batches_tracked) == 0
+    np.testing.assert_array_equal(
+        pinned.base.block1.bn.running_mean.numpy(), np.zeros(8, "float32")
+    )
+
+
+def test_pinned_model_still_deepcopies_and_pickles(kit, tmp_path):
+    import copy
+
+    model = kit.model()
+    xfer.freeze(model, S.path("base.**"))
+    clone = copy.deepcopy(model)
+    torch.save(model, tmp_path / "whole.pt")
+    loaded = torch.load(tmp_path / "whole.pt", weights_only=False)
+    for other in (clone, loaded):
+        assert xfer.export_state(other) == xfer.export_state(model)
+        other.train()
+        with torch.no_grad():
+            other(_nchw(kit)[0])
+        assert not other.base.block2.bn.training
+
+
+def test_a_bare_layer_is_one_unit(kit):
+    layer = torch.nn.Linear(3, 2)
+    xfer.freeze(layer)
+    s = xfer.summary(layer, print_fn=None)
+    assert [(r.path, r.trainable, r.n_frozen) for r in s.rows] == [("", "no", 8)]

@@ -1,0 +1,55 @@
+"""xfer: freezing and inference mode done right, the same way, on PyTorch, Keras 3 and Flax NNX.
+
+``import xfer`` imports no framework: each adapter is loaded when a model of its
+framework is first passed in, or when its backend is chosen.
+
+Example:
+    >>> import xfer
+    >>> from xfer import select as S
+    >>> xfer.freeze(model, S.path("base.**"))               # doctest: +SKIP
+    >>> xfer.set_bn(model, "affine", S.path("base.**"))     # doctest: +SKIP
+    >>> xfer.summary(model)                                 # doctest: +SKIP
+"""
+
+from xfer import select
+from xfer._adapter import Adapter, Unit
+from xfer._config import backend_context, get_backend, set_backend
+from xfer.audit import Finding, audit
+from xfer.policy import PRESETS as BN_PRESETS
+from xfer.policy import BNPolicy
+from xfer.state import (
+    SelectionError,
+    export_state,
+    freeze,
+    import_state,
+    set_bn,
+    set_mode,
+    snapshot,
+    unfreeze,
+)
+from xfer.summary import Summary, summary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BN_PRESETS",
+    "Adapter",
+    "BNPolicy",
+    "Finding",
+    "SelectionError",
+    "Summary",
+    "Unit",
+    "audit",
+    "backend_context",
+    "export_state",
+    "freeze",
+    "get_backend",
+    "import_state",
+    "select",
+    "set_backend",
+    "set_bn",
+    "set_mode",
+    "snapshot",
+    "summary",
+    "unfreeze",
+]

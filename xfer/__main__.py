@@ -1,0 +1,5 @@
+import sys
+
+from xfer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,122 @@
+"""The contract every framework adapter implements, and how xfer finds the adapter.
+
+A native model is seen as a tree of *units* (every layer/submodule below the root).
+Each unit owns its *own* parameters (not its children's), has a ``trainable`` flag
+and a ``mode`` pin. The neutral operations in ``xfer.state`` validate, then call the
+adapter; the adapter only does the framework-specific part.
+
+The adapter for a model is found from the model's type, and only for frameworks that
+are already imported (a model of a framework cannot exist without it): xfer never
+imports a framework to look at an object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+Mode = Literal["train", "inference", "inherit"]
+MODES: tuple[str, ...] = ("train", "inference", "inherit")
+
+# Kinds a unit can have; selectors use these names (S.type("batchnorm")).
+KINDS = ("batchnorm", "dropout", "conv", "dense", "norm", "container", "other")
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One layer of a native model, as xfer sees it.
+
+    ``path`` is dotted from the model root (``base.block1.bn``); ``index`` is the
+    position of the unit's top-level ancestor among the root's children (what
+    ``S.top``/``S.from_index`` use); ``n_params`` counts the elements of the unit's
+    own parameters; ``native`` is the framework object itself.
+    """
+
+    path: str
+    name: str
+    kind: str
+    index: int
+    depth: int
+    n_params: int
+    native: Any = dataclasses.field(compare=False, repr=False)
+    root: Any = dataclasses.field(compare=False, repr=False)
+
+    @property
+    def is_bn(self) -> bool:
+        return self.kind == "batchnorm"
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """What each of ``backends/torch.py``, ``backends/keras.py``, ``backends/flax.py`` provides."""
+
+    name: str
+
+    def owns(self, model: Any) -> bool:
+        """Whether ``model`` is a model of this framework."""
+
+    def units(self, model: Any) -> list[Unit]:
+        """Every unit below the root, parents before children, in definition order.
+
+        The root itself is a unit (path ``""``, index -1) only if it has parameters of its
+        own; a model that is a single layer is one unit (path ``""``, index 0).
+        """
+
+    def param_counts(self, unit: Unit) -> tuple[int, int]:
+        """Elements of the unit's own parameters: (trainable, frozen)."""
+
+    def set_trainable(self, unit: Unit, trainable: bool) -> None:
+        """Freeze or unfreeze the unit's own parameters with the framework's mechanism."""
+
+    def get_mode(self, unit: Unit) -> Mode:
+        """The unit's pinned mode (``"inherit"`` when not pinned)."""
+
+    def set_mode(self, unit: Unit, mode: Mode) -> None:
+        """Pin the unit's own computation to a mode that survives the framework's switches."""
+
+    def snapshot(self, model: Any) -> dict[str, np.ndarray]:
+        """Every parameter and BN statistic as numpy, keyed ``<unit path>.<native name>``."""
+
+    def persistence(self) -> str:
+        """One sentence: what of the xfer state the framework's own save format keeps."""
+
+
+_FRAMEWORKS = (
+    # Keras first: with KERAS_BACKEND=torch every Keras layer is also a torch Module.
+    ("keras", "keras", "Layer"),
+    ("torch", "torch.nn", "Module"),
+    ("flax", "flax.nnx", "Module"),
+)
+_adapters: dict[str, Adapter] = {}
+
+
+def load_adapter(backend: str) -> Adapter:
+    """The adapter of ``backend``, importing its module (and so the framework)."""
+    if backend not in _adapters:
+        from xfer import _config
+
+        _config.require(backend)
+        module = importlib.import_module(f"xfer.backends.{backend}")
+        _adapters[backend] = module.ADAPTER
+    return _adapters[backend]
+
+
+def find_adapter(model: Any) -> Adapter:
+    """The adapter for a native model, found from its type.
+
+    Raises ``TypeError`` naming the type and the supported ones.
+    """
+    for backend, module_name, class_name in _FRAMEWORKS:
+        module = sys.modules.get(module_name)
+        base = getattr(module, class_name, None) if module is not None else None
+        if base is not None and isinstance(model, base):
+            return load_adapter(backend)
+    raise TypeError(
+        f"xfer cannot work on a {type(model).__module__}.{type(model).__qualname__}: "
+        "expected a keras.Layer/keras.Model, a torch.nn.Module or a flax.nnx.Module. "
+        "Pass the model object itself (not its weights or a function)."
+    )

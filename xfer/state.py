@@ -1,0 +1,211 @@
+"""The state operations: freeze, unfreeze, set_mode, set_bn, snapshot, export/import.
+
+Each operation validates everything first (model, selector, mode, policy), then plans
+the changes, then applies them through the model's adapter, so bad input leaves the
+model unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from xfer import select as S
+from xfer._adapter import MODES, Adapter, Unit, find_adapter
+from xfer.policy import BNPolicy
+
+STATE_FORMAT = 1
+
+
+class SelectionError(ValueError):
+    """A selector chose no unit that the operation can act on."""
+
+
+def resolve(model: Any, where: S.Selector) -> tuple[Adapter, list[Unit], list[Unit]]:
+    """The adapter, all units and the selected units of ``model``; an error if none."""
+    adapter = find_adapter(model)
+    where = S._check(where)
+    units = adapter.units(model)
+    selected = where(units)
+    if not selected:
+        raise SelectionError(
+            f"Selector {where!r} matches no unit of this {type(model).__name__}. "
+            f"Some paths that exist: {_some_paths(units)}."
+        )
+    return adapter, units, selected
+
+
+def _some_paths(units: Sequence[Unit], limit: int = 8) -> str:
+    names = [u.path for u in units[:limit]]
+    more = f", ... ({len(units)} units)" if len(units) > limit else ""
+    return ", ".join(names) + more if names else "(the model has no units)"
+
+
+def _with_params(selected: list[Unit], where: S.Selector, op: str) -> list[Unit]:
+    owning = [u for u in selected if u.n_params > 0]
+    if not owning:
+        raise SelectionError(
+            f"{op}: selector {where!r} matches only units without parameters of their own "
+            f"({_some_paths(selected, 4)}). Operations act on exactly the units selected; "
+            "to include everything inside a block, select it with S.path('block.**')."
+        )
+    return owning
+
+
+def _check_mode(mode: object) -> str:
+    if mode not in MODES:
+        raise ValueError(
+            f"Unknown mode {mode!r}: expected one of {', '.join(MODES)} "
+            "(inference = Dropout off and BN on moving statistics, whatever the framework's "
+            "own train()/fit()/training=True says; inherit = follow the framework)."
+        )
+    return mode
+
+
+def freeze(
+    model: Any, where: S.Selector | None = None, *, bn: str | BNPolicy | None = "frozen"
+) -> None:
+    """Stop the optimizer from updating the selected units' parameters.
+
+    Selected BatchNorm units also get the policy ``bn`` (default ``"frozen"``: affine
+    frozen and moving statistics frozen, as Keras's ``trainable=False``); pass
+    ``bn=None`` to freeze their affine only and leave their statistics policy alone.
+
+    Example:
+        >>> import xfer
+        >>> from xfer import select as S
+        >>> xfer.freeze(model, S.path("base.**"))          # doctest: +SKIP
+        >>> xfer.freeze(model, S.all(), bn="adapt")         # doctest: +SKIP
+    """
+    where = S.all() if where is None else where
+    policy = BNPolicy.of(bn) if bn is not None else None
+    adapter, _, selected = resolve(model, where)
+    owning = _with_params(selected, where, "freeze")
+    for unit in owning:
+        adapter.set_trainable(unit, False)
+    if policy is not None:
+        for unit in selected:
+            if unit.is_bn:
+                adapter.set_trainable(unit, policy.trainable)
+                adapter.set_mode(unit, policy.mode)
+
+
+def unfreeze(model: Any, where: S.Selector | None = None) -> None:
+    """Let the optimizer update the selected units' parameters.
+
+    BatchNorm units get a trainable affine and keep their statistics policy, so
+    ``freeze`` then ``unfreeze`` gives BN ``"affine"`` (the Keras guide's fine-tuning state).
+
+    Example:
+        >>> import xfer
+        >>> from xfer import select as S
+        >>> xfer.unfreeze(model, S.top(2))                  # doctest: +SKIP
+    """
+    where = S.all() if where is None else where
+    adapter, _, selected = resolve(model, where)
+    for unit in _with_params(selected, where, "unfreeze"):
+        adapter.set_trainable(unit, True)
+
+
+def set_mode(model: Any, mode: str, where: S.Selector | None = None) -> None:
+    """Pin the selected units to ``"inference"`` or ``"train"``, or release them (``"inherit"``).
+
+    A pin survives the framework's own switches: PyTorch ``model.train()``, Keras
+    ``fit()`` or an outer ``training=True``, Flax NNX ``model.train()``.
+
+    Example:
+        >>> import xfer
+        >>> from xfer import select as S
+        >>> xfer.set_mode(model, "inference", S.path("base.**"))   # doctest: +SKIP
+    """
+    mode = _check_mode(mode)
+    where = S.all() if where is None else where
+    adapter, _, selected = resolve(model, where)
+    for unit in selected:
+        adapter.set_mode(unit, mode)
+
+
+def set_bn(model: Any, policy: str | BNPolicy, where: S.Selector | None = None) -> None:
+    """Give the selected BatchNorm units a policy: ``"frozen"``, ``"affine"``, ``"adapt"``,
+    ``"train"`` or a ``BNPolicy``. Non-BN units in the selection are left alone.
+
+    Example:
+        >>> import xfer
+        >>> xfer.set_bn(model, "affine")                   # doctest: +SKIP
+        >>> xfer.set_bn(model, xfer.BNPolicy(affine="frozen", stats="update"))  # doctest: +SKIP
+    """
+    policy = BNPolicy.of(policy)
+    where = S.bn() if where is None else where
+    adapter, _, selected = resolve(model, where)
+    bns = [u for u in selected if u.is_bn]
+    if not bns:
+        raise SelectionError(
+            f"set_bn: selector {where!r} matches no BatchNorm unit "
+            f"(it matches {_some_paths(selected, 4)}). Use S.bn() or a path inside a block."
+        )
+    for unit in bns:
+        adapter.set_trainable(unit, policy.trainable)
+        adapter.set_mode(unit, policy.mode)
+
+
+def snapshot(model: Any) -> dict[str, np.ndarray]:
+    """Every parameter and BN statistic of ``model`` as a numpy copy.
+
+    Example:
+        >>> import xfer
+        >>> before = xfer.snapshot(model)                   # doctest: +SKIP
+    """
+    return find_adapter(model).snapshot(model)
+
+
+def export_state(model: Any) -> dict[str, Any]:
+    """xfer's state of ``model`` (trainable flags and mode pins per unit) as plain JSON data.
+
+    Save it beside the framework's own checkpoint; :func:`import_state` puts it back.
+
+    Example:
+        >>> import json, xfer
+        >>> json.dumps(xfer.export_state(model))            # doctest: +SKIP
+    """
+    adapter = find_adapter(model)
+    units = {}
+    for unit in adapter.units(model):
+        n_trainable, n_frozen = adapter.param_counts(unit)
+        trainable = None if n_trainable + n_frozen == 0 else n_frozen == 0
+        units[unit.path] = {"trainable": trainable, "mode": adapter.get_mode(unit)}
+    return {"xfer_state": STATE_FORMAT, "backend": adapter.name, "units": units}
+
+
+def import_state(model: Any, state: dict[str, Any]) -> None:
+    """Apply a state from :func:`export_state` to a model with the same unit paths.
+
+    Unknown or missing paths are an error that lists them; the model is left unchanged.
+
+    Example:
+        >>> import xfer
+        >>> xfer.import_state(model, saved_state)           # doctest: +SKIP
+    """
+    if not isinstance(state, dict) or state.get("xfer_state") != STATE_FORMAT:
+        raise ValueError(
+            "import_state expects the dict returned by xfer.export_state "
+            f"(with 'xfer_state': {STATE_FORMAT}); got {type(state).__name__}."
+        )
+    adapter = find_adapter(model)
+    units = {u.path: u for u in adapter.units(model)}
+    saved = state["units"]
+    unknown, missing = sorted(set(saved) - set(units)), sorted(set(units) - set(saved))
+    if unknown or missing:
+        raise ValueError(
+            "The saved xfer state does not fit this model: "
+            f"paths only in the state: {unknown[:8] or 'none'}; "
+            f"paths only in the model: {missing[:8] or 'none'}. "
+            "Load it into the same architecture it was exported from."
+        )
+    for entry in saved.values():
+        _check_mode(entry.get("mode"))
+    for path, entry in saved.items():
+        if entry["trainable"] is not None:
+            adapter.set_trainable(units[path], entry["trainable"])
+        adapter.set_mode(units[path], entry["mode"])
