@@ -17,7 +17,7 @@ import tempfile
 import nox
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["lint", "tests-torch"]
+nox.options.sessions = ["lint", "tests-torch", "tests-keras-jax", "tests-keras-torch", "tests-flax"]
 
 CONSTRAINTS = ("-c", "constraints.txt")
 # session backend id -> (extras to install, environment)

@@ -8,6 +8,7 @@ computes, so a pinned module keeps its mode under any ``train()``/``eval()`` cal
 from __future__ import annotations
 
 import numpy as np
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
@@ -69,16 +70,12 @@ class TorchAdapter:
             else:
                 index = top[path.split(".")[0]]
             name = path.rpartition(".")[2]
+            depth = path.count(".") + bool(path)
+            params = tuple(n for n, p in module._parameters.items() if p is not None)
+            stats = ("running_mean", "running_var") if isinstance(module, _BatchNorm) else ()
             units.append(
                 Unit(
-                    path,
-                    name,
-                    _kind(module),
-                    index,
-                    path.count(".") + bool(path),
-                    n_params,
-                    module,
-                    model,
+                    path, name, _kind(module), index, depth, n_params, module, model, params, stats
                 )
             )
         return units
@@ -126,6 +123,97 @@ class TorchAdapter:
             "(torch.save({'model': model.state_dict(), 'xfer': xfer.export_state(model)}, f)) "
             "and restore with xfer.import_state."
         )
+
+    def small_cnn(
+        self, num_classes: int, in_channels: int, *, width: int, dropout: float, seed: int
+    ):
+        torch.manual_seed(seed)
+        return SmallCNN(num_classes, in_channels, width, dropout)
+
+    def fit(self, model, x, y, *, epochs, batch_size, lr, weight_decay) -> list[float]:
+        # The PyTorch tutorial loop, with no xfer code in it: AdamW over model.parameters()
+        # and model.train() every epoch; the xfer state makes it do the right thing.
+        device = next(model.parameters()).device
+        xs, ys = _to_tensor(x, device), torch.from_numpy(np.asarray(y)).long().to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        losses = []
+        for _ in range(epochs):
+            model.train()
+            total = 0.0
+            for i in range(0, len(xs), batch_size):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(
+                    model(xs[i : i + batch_size]), ys[i : i + batch_size]
+                )
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(ys[i : i + batch_size])
+            losses.append(total / len(ys))
+        return losses
+
+    def predict(self, model, x) -> np.ndarray:
+        model.eval()
+        with torch.no_grad():
+            return model(_to_tensor(x, next(model.parameters()).device)).cpu().numpy()
+
+
+def _to_tensor(x: np.ndarray, device) -> torch.Tensor:
+    """Channels-last numpy images to an NCHW tensor."""
+    return torch.from_numpy(
+        np.ascontiguousarray(np.asarray(x, "float32").transpose(0, 3, 1, 2))
+    ).to(device)
+
+
+class _Block(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+        # Keras/Flax momentum 0.9 is torch momentum 0.1; epsilon set explicitly everywhere.
+        self.bn = nn.BatchNorm2d(c_out, eps=1e-3, momentum=0.1)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class _GlobalAvgPool(nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(2, 3))
+
+
+class _Base(nn.Module):
+    def __init__(self, in_channels: int, width: int, dropout: float):
+        super().__init__()
+        self.block1 = _Block(in_channels, width)
+        self.block2 = _Block(width, width)
+        self.drop = nn.Dropout(dropout)
+        self.pool = _GlobalAvgPool()
+
+    def forward(self, x):
+        return self.pool(self.drop(self.block2(self.block1(x))))
+
+
+class _Head(nn.Module):
+    def __init__(self, width: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.dense = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.dense(self.drop(x))
+
+
+class SmallCNN(nn.Module):
+    """The reference model: base (two conv-BN-ReLU blocks, dropout, pooling) and head."""
+
+    def __init__(
+        self, num_classes: int, in_channels: int = 3, width: int = 8, dropout: float = 0.2
+    ):
+        super().__init__()
+        self.base = _Base(in_channels, width, dropout)
+        self.head = _Head(width, num_classes, dropout)
+
+    def forward(self, x):
+        return self.head(self.base(x))
 
 
 ADAPTER = TorchAdapter()

@@ -11,7 +11,7 @@ Example:
     >>> xfer.summary(model)                                 # doctest: +SKIP
 """
 
-from xfer import select
+from xfer import models, select
 from xfer._adapter import Adapter, Unit
 from xfer._config import backend_context, get_backend, set_backend
 from xfer.audit import Finding, audit
@@ -19,8 +19,10 @@ from xfer.policy import PRESETS as BN_PRESETS
 from xfer.policy import BNPolicy
 from xfer.state import (
     SelectionError,
+    changed_tensors,
     export_state,
     freeze,
+    frozen_tensors,
     import_state,
     set_bn,
     set_mode,
@@ -41,10 +43,13 @@ __all__ = [
     "Unit",
     "audit",
     "backend_context",
+    "changed_tensors",
     "export_state",
     "freeze",
+    "frozen_tensors",
     "get_backend",
     "import_state",
+    "models",
     "select",
     "set_backend",
     "set_bn",

@@ -44,6 +44,8 @@ class Unit:
     n_params: int
     native: Any = dataclasses.field(compare=False, repr=False)
     root: Any = dataclasses.field(compare=False, repr=False)
+    params: tuple[str, ...] = ()  # native names of the unit's own parameters
+    stats: tuple[str, ...] = ()  # native names of its own BN moving statistics
 
     @property
     def is_bn(self) -> bool:
@@ -65,6 +67,27 @@ class Adapter(Protocol):
         The root itself is a unit (path ``""``, index -1) only if it has parameters of its
         own; a model that is a single layer is one unit (path ``""``, index 0).
         """
+
+    def small_cnn(
+        self, num_classes: int, in_channels: int, *, width: int, dropout: float, seed: int
+    ) -> Any:
+        """The reference model of ``xfer.models.small_cnn`` in this framework."""
+
+    def fit(
+        self,
+        model: Any,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        weight_decay: float,
+    ) -> list[float]:
+        """Train with the framework's own standard loop (AdamW, batches in order); mean loss per epoch."""
+
+    def predict(self, model: Any, x: np.ndarray) -> np.ndarray:
+        """Logits in the framework's inference mode, for channels-last numpy images."""
 
     def param_counts(self, unit: Unit) -> tuple[int, int]:
         """Elements of the unit's own parameters: (trainable, frozen)."""

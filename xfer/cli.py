@@ -37,12 +37,56 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Pretrain, then transfer in two stages with each framework's own loop; verify frozen tensors."""
+    import dataclasses
+
+    from xfer import demo
+    from xfer.summary import summary
+
+    backends = args.backend or [b for b in _config.BACKENDS if not _config.missing(b)]
+    report, failures = {}, 0
+    for backend in backends:
+        _config.require(backend)
+        results, model = demo.run(backend, seed=args.seed)
+        failures += sum(bool(r.changed) for r in results)
+        report[backend] = [dataclasses.asdict(r) for r in results]
+        if args.format == "text":
+            engine = f"{backend}/{_keras_engine()}" if backend == "keras" else backend
+            print(demo.format_table(engine, _version(backend) or "?", results), end="\n\n")
+            if backend == backends[-1]:
+                summary(model)
+    if args.format == "json":
+        print(json.dumps(report))
+    elif not failures:
+        print(
+            "\nEvery tensor xfer promised to keep is bit-identical, with no xfer code in the loops."
+        )
+    return 1 if failures else 0
+
+
+def _keras_engine() -> str:
+    import keras
+
+    return keras.backend.backend()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xfer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help=cmd_info.__doc__)
     info.add_argument("--format", choices=("text", "json"), default="text")
     info.set_defaults(run=cmd_info)
+    demo = commands.add_parser("demo", help=cmd_demo.__doc__)
+    demo.add_argument(
+        "--backend",
+        action="append",
+        choices=_config.BACKENDS,
+        help="repeatable; default: every installed backend",
+    )
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--format", choices=("text", "json"), default="text")
+    demo.set_defaults(run=cmd_demo)
     return parser
 
 

@@ -160,6 +160,40 @@ def snapshot(model: Any) -> dict[str, np.ndarray]:
     return find_adapter(model).snapshot(model)
 
 
+def frozen_tensors(model: Any) -> list[str]:
+    """The :func:`snapshot` keys that training must leave bit-identical: the parameters of
+    frozen units and the moving statistics of BN units pinned to inference.
+
+    Example:
+        >>> import xfer
+        >>> keys = xfer.frozen_tensors(model)                # doctest: +SKIP
+        >>> before = xfer.snapshot(model)                    # doctest: +SKIP
+    """
+    adapter = find_adapter(model)
+    keys = []
+    for unit in adapter.units(model):
+        prefix = f"{unit.path}." if unit.path else ""
+        n_trainable, n_frozen = adapter.param_counts(unit)
+        if n_frozen and not n_trainable:
+            keys += [prefix + name for name in unit.params]
+        if adapter.get_mode(unit) == "inference":
+            keys += [prefix + name for name in unit.stats]
+    return keys
+
+
+def changed_tensors(
+    before: dict[str, np.ndarray], after: dict[str, np.ndarray], keys: Sequence[str]
+) -> list[str]:
+    """The keys among ``keys`` whose tensors differ (bitwise) between two snapshots.
+
+    Example:
+        >>> import xfer
+        >>> xfer.changed_tensors(before, xfer.snapshot(model), keys)   # doctest: +SKIP
+        []
+    """
+    return [k for k in keys if not np.array_equal(before[k], after[k])]
+
+
 def export_state(model: Any) -> dict[str, Any]:
     """xfer's state of ``model`` (trainable flags and mode pins per unit) as plain JSON data.
 

@@ -1,6 +1,7 @@
-"""Per-backend test kits: the standard test model and the framework's *own* training loop.
+"""Per-backend test kits: the framework's *own* training loop, written as a user would.
 
-Every kit builds the same architecture with the same unit paths::
+The model is ``xfer.models.small_cnn`` (a plain native model of each framework) with the
+same unit paths everywhere::
 
     base                (container)
     base.block1         (container)   conv -> bn -> relu
@@ -13,7 +14,7 @@ Every kit builds the same architecture with the same unit paths::
     head.drop           (dropout)
     head.dense          (dense)
 
-and implements the ``Kit`` interface below with no xfer code in the training loop.
+Each kit implements the ``Kit`` interface below with no xfer code in the training loop.
 """
 
 from __future__ import annotations
@@ -76,6 +77,14 @@ def data(n: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     x = rng.normal(0.5, 2.0, size=(n, *IMAGE_SHAPE)).astype("float32")
     y = rng.integers(0, NUM_CLASSES, size=n).astype("int64")
     return x, y
+
+
+def reference_model(backend: str, seed: int, dropout: float) -> Any:
+    import xfer
+
+    return xfer.models.small_cnn(
+        NUM_CLASSES, IMAGE_SHAPE[2], width=8, dropout=dropout, seed=seed, backend=backend
+    )
 
 
 def load_kit(kit_id: str) -> Kit:

@@ -1,0 +1,379 @@
+"""Flax NNX adapter: a ``Frozen`` variable type for trainable, a pinned subclass for modes.
+
+Why a variable type: NNX decides what the optimizer and the gradient see by the type of
+each ``Variable``: ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` and ``nnx.grad`` /
+``nnx.value_and_grad`` (default ``nnx.Param``). A frozen parameter is retyped to
+:class:`Frozen`, which is not a ``Param`` subclass, so it forms its own partition that the
+standard filter leaves out, and the user's own loop needs no xfer code. The variable is
+retyped *in place* (same object, same value), so a reference to it elsewhere (tied
+weights, a handle the user kept, a list or dict holding it) stays the same variable;
+unfreezing gives it back its original type, ``nnx.Param`` or a subclass such as
+``nnx.LoRAParam``. Select the frozen partition yourself with ``nnx.state(model, Frozen)``.
+Note that ``nnx.state(model, nnx.Param)`` leaves frozen parameters out: checkpoint the
+whole ``nnx.state(model)``.
+
+Why a class swap for modes: NNX modes are plain attributes (``use_running_average`` of
+BatchNorm, ``deterministic`` of Dropout) that ``model.train()``, ``model.eval()``,
+``nnx.view`` and ``nnx.with_attributes`` overwrite on every submodule. A pinned module's
+class becomes a cached subclass of its class (same name, one per class and mode) whose
+``__setattr__`` keeps the pinned value whatever sets it, and whose ``__call__`` also
+overrides those arguments when a parent passes them explicitly
+(``self.bn(x, use_running_average=not train)``). The class is part of NNX's graphdef, so
+``nnx.split``/``nnx.merge``, ``copy.deepcopy`` and pickle keep the pin, and ``nnx.jit``
+traces again when a pin changes instead of reusing a stale trace.
+
+Paths are NNX's own attribute keys joined by ".": ``nnx.Sequential(a, b)`` has the units
+``layers`` (its ``nnx.List``) and ``layers.0``, ``layers.1``. For ``S.top``/``S.from_index``
+the root's ``nnx.List``/``nnx.Dict`` children are looked through, as Keras's ``model.layers``
+lists the layers held in a list: the list entries are the top-level units (the collection
+itself has index -1, like the root).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from xfer._adapter import Unit
+
+__all__ = ["ADAPTER", "FlaxAdapter", "Frozen", "SmallCNN"]
+
+
+class Frozen(nnx.Variable):
+    """A parameter frozen by xfer: not an ``nnx.Param``, so ``wrt=nnx.Param`` leaves it out.
+
+    Example:
+        >>> from xfer.backends.flax import Frozen
+        >>> frozen_weights = nnx.state(model, Frozen)        # doctest: +SKIP
+    """
+
+
+# Metadata naming the original type of a frozen Param subclass (plain nnx.Param is the
+# default), kept on the variable so that nnx.split/merge carries it.
+_ORIGINAL_TYPE = "xfer_param_type"
+_MODE_ATTRIBUTES = ("use_running_average", "deterministic")
+_COLLECTIONS = (nnx.List, nnx.Dict)
+_NORMS = (nnx.LayerNorm, nnx.GroupNorm, nnx.RMSNorm, nnx.InstanceNorm)
+_KINDS = (
+    (nnx.BatchNorm, "batchnorm"),
+    (nnx.Dropout, "dropout"),
+    ((nnx.Conv, nnx.ConvTranspose), "conv"),
+    ((nnx.Linear, nnx.LinearGeneral, nnx.Einsum), "dense"),
+    (_NORMS, "norm"),
+)
+
+
+def _flatten(key: str, value: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, (nnx.Module, nnx.Variable)):
+        yield key, value
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _flatten(f"{key}.{i}", item)
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            yield from _flatten(f"{key}.{k}", item)
+
+
+def _members(module: nnx.Module) -> Iterator[tuple[str, Any]]:
+    """The modules and variables a module holds itself, in definition order."""
+    for name, value in vars(module).items():
+        if not name.startswith("_pytree__"):
+            yield from _flatten(name, value)
+
+
+def _own_variables(module: nnx.Module) -> list[tuple[str, nnx.Variable]]:
+    return [(k, v) for k, v in _members(module) if isinstance(v, nnx.Variable)]
+
+
+def _size(variable: nnx.Variable) -> int:
+    # By shape, so that abstract models (nnx.eval_shape) count too.
+    shape = getattr(variable.get_value(), "shape", None)
+    return int(np.prod(shape)) if shape is not None else int(np.size(variable.get_value()))
+
+
+def _is_param(variable: nnx.Variable) -> bool:
+    return isinstance(variable, (nnx.Param, Frozen))
+
+
+def _walk(model: nnx.Module) -> list[tuple[str, nnx.Module, int]]:
+    """(path, module, top-level index) of every module, parents first, in definition order."""
+    found: list[tuple[str, nnx.Module, int]] = []
+    seen: set[int] = set()
+    positions = itertools.count()
+
+    def visit(module: nnx.Module, path: str, index: int, at_top: bool) -> None:
+        if id(module) in seen:  # a shared module is a unit once, at its first path
+            return
+        seen.add(id(module))
+        found.append((path, module, index))
+        for key, child in _members(module):
+            if not isinstance(child, nnx.Module):
+                continue
+            child_path = f"{path}.{key}" if path else key
+            if not at_top:
+                visit(child, child_path, index, False)
+            elif isinstance(child, _COLLECTIONS):
+                visit(child, child_path, -1, True)
+            else:
+                visit(child, child_path, next(positions), False)
+
+    visit(model, "", -1, True)
+    return found
+
+
+def _kind(module: nnx.Module) -> str:
+    for types, kind in _KINDS:
+        if isinstance(module, types):
+            return kind
+    has_children = any(isinstance(v, nnx.Module) for _, v in _members(module))
+    if has_children and not any(_is_param(v) for _, v in _own_variables(module)):
+        return "container"
+    return "other"
+
+
+def _retype(variable: nnx.Variable, new_type: type) -> None:
+    if not isinstance(type(variable), type(nnx.Variable)):
+        raise TypeError(
+            f"xfer cannot freeze a {type(variable).__name__} (a hijax variable); create the "
+            "model with nnx.var_defaults(hijax=False) or leave this parameter trainable."
+        )
+    variable.__class__ = new_type
+
+
+def _freeze(variable: nnx.Variable) -> None:
+    original = type(variable)
+    _retype(variable, Frozen)
+    if original is not nnx.Param:
+        variable.set_metadata(_ORIGINAL_TYPE, original)
+
+
+def _unfreeze(variable: nnx.Variable) -> None:
+    original = variable.get_metadata(_ORIGINAL_TYPE, nnx.Param)
+    if variable.has_metadata(_ORIGINAL_TYPE):
+        variable.del_metadata(_ORIGINAL_TYPE)
+    _retype(variable, original)
+
+
+_PINNED: dict[tuple[type, str], type] = {}
+
+
+def _restore_pinned(base: type, mode: str, state: dict) -> nnx.Module:
+    # Pickle finds classes by name, and the pinned class has its base's name.
+    module = object.__new__(_pinned_class(base, mode))
+    vars(module).update(state)
+    return module
+
+
+def _pinned_class(base: type, mode: str) -> type:
+    """The subclass of ``base`` that keeps its mode attributes at the pinned value."""
+    key = (base, mode)
+    if key in _PINNED:
+        return _PINNED[key]
+    pinned_value = mode == "inference"
+
+    def __setattr__(self, name, value):
+        if name in _MODE_ATTRIBUTES:
+            value = pinned_value
+        base.__setattr__(self, name, value)
+
+    def __reduce_ex__(self, protocol):
+        return _restore_pinned, (base, mode, self.__getstate__())
+
+    namespace = {
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+        "__doc__": base.__doc__,
+        "__setattr__": __setattr__,
+        "__reduce_ex__": __reduce_ex__,
+        "_xfer_pinned_mode": mode,
+        "_xfer_base": base,
+    }
+    # From the class's own MRO: on a class, getattr would find the metaclass's __call__.
+    call = next((c.__dict__["__call__"] for c in base.__mro__ if "__call__" in c.__dict__), None)
+    if call is not None:
+        # A parent passing the mode explicitly is NNX's "outer training=True": the pin wins.
+        @functools.wraps(call)
+        def __call__(self, *args, **kwargs):
+            for name in _MODE_ATTRIBUTES:
+                if name in kwargs:
+                    kwargs[name] = pinned_value
+            return call(self, *args, **kwargs)
+
+        namespace["__call__"] = __call__
+    # The class's own metaclass registers the subclass as an NNX graph node and JAX pytree.
+    _PINNED[key] = type(base)(base.__name__, (base,), namespace)
+    return _PINNED[key]
+
+
+class FlaxAdapter:
+    name = "flax"
+
+    def owns(self, model) -> bool:
+        return isinstance(model, nnx.Module)
+
+    def units(self, model: nnx.Module) -> list[Unit]:
+        found = _walk(model)
+        has_children = len(found) > 1
+        units = []
+        for path, module, index in found:
+            own = _own_variables(module)
+            params = tuple(k for k, v in own if _is_param(v))
+            n_params = sum(_size(v) for _, v in own if _is_param(v))
+            if path == "":
+                if n_params == 0 and has_children:
+                    continue
+                index = -1 if has_children else 0
+            kind = _kind(module)
+            stats = (
+                tuple(k for k, v in own if isinstance(v, nnx.BatchStat))
+                if kind == "batchnorm"
+                else ()
+            )
+            name = path.rpartition(".")[2]
+            depth = path.count(".") + bool(path)
+            units.append(
+                Unit(path, name, kind, index, depth, n_params, module, model, params, stats)
+            )
+        return units
+
+    def param_counts(self, unit: Unit) -> tuple[int, int]:
+        variables = [v for _, v in _own_variables(unit.native)]
+        trainable = sum(_size(v) for v in variables if isinstance(v, nnx.Param))
+        return trainable, sum(_size(v) for v in variables if isinstance(v, Frozen))
+
+    def set_trainable(self, unit: Unit, trainable: bool) -> None:
+        for _, variable in _own_variables(unit.native):
+            if trainable and isinstance(variable, Frozen):
+                _unfreeze(variable)
+            elif not trainable and isinstance(variable, nnx.Param):
+                _freeze(variable)
+
+    def get_mode(self, unit: Unit) -> str:
+        return getattr(type(unit.native), "_xfer_pinned_mode", "inherit")
+
+    def set_mode(self, unit: Unit, mode: str) -> None:
+        module = unit.native
+        base = getattr(type(module), "_xfer_base", type(module))
+        # object.__setattr__: NNX's own __setattr__ would record __class__ as an attribute.
+        if mode == "inherit":
+            object.__setattr__(module, "__class__", base)
+            return
+        object.__setattr__(module, "__class__", _pinned_class(base, mode))
+        for name in _MODE_ATTRIBUTES:
+            if name in vars(module):
+                setattr(module, name, mode == "inference")
+
+    def snapshot(self, model: nnx.Module) -> dict[str, np.ndarray]:
+        out = {}
+        for path, module, _ in _walk(model):
+            for key, variable in _own_variables(module):
+                if _is_param(variable) or isinstance(variable, nnx.BatchStat):
+                    name = f"{path}.{key}" if path else key
+                    out[name] = np.array(variable.get_value(), copy=True)
+        return out
+
+    def persistence(self) -> str:
+        return (
+            "nnx.split/nnx.merge (graphdef + state), copy.deepcopy and pickle keep the frozen "
+            "partition and the mode pins; a checkpoint of nnx.state(model) (orbax, "
+            "nnx.to_pure_dict) restored into a freshly built model keeps values only: save "
+            "xfer.export_state(model) beside it and re-apply it with xfer.import_state."
+        )
+
+    def small_cnn(
+        self, num_classes: int, in_channels: int, *, width: int, dropout: float, seed: int
+    ):
+        return SmallCNN(num_classes, in_channels, width, dropout, rngs=nnx.Rngs(seed))
+
+    def fit(self, model, x, y, *, epochs, batch_size, lr, weight_decay) -> list[float]:
+        # The Flax docs loop, with no xfer code in it: an Optimizer over nnx.Param,
+        # nnx.value_and_grad (default nnx.Param) and model.train() every epoch.
+        optimizer = nnx.Optimizer(model, optax.adamw(lr, weight_decay=weight_decay), wrt=nnx.Param)
+        xs, ys = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
+        losses = []
+        for _ in range(epochs):
+            model.train()
+            total = 0.0
+            for i in range(0, len(xs), batch_size):
+                loss = _train_step(model, optimizer, xs[i : i + batch_size], ys[i : i + batch_size])
+                total += float(loss) * len(ys[i : i + batch_size])
+            losses.append(total / len(ys))
+        return losses
+
+    def predict(self, model, x) -> np.ndarray:
+        model.eval()
+        return np.asarray(model(jnp.asarray(x, jnp.float32)))
+
+
+def _cross_entropy(model, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+
+@nnx.jit
+def _train_step(model, optimizer, x, y):
+    loss, grads = nnx.value_and_grad(_cross_entropy)(model, x, y)
+    optimizer.update(model, grads)
+    return loss
+
+
+class _Block(nnx.Module):
+    def __init__(self, c_in: int, c_out: int, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(c_in, c_out, kernel_size=(3, 3), padding="SAME", rngs=rngs)
+        self.bn = nnx.BatchNorm(c_out, epsilon=1e-3, momentum=0.9, rngs=rngs)
+
+    def __call__(self, x):
+        return nnx.relu(self.bn(self.conv(x)))
+
+
+class _GlobalAvgPool(nnx.Module):
+    def __call__(self, x):
+        return x.mean(axis=(1, 2))
+
+
+class _Base(nnx.Module):
+    def __init__(self, in_channels: int, width: int, dropout: float, rngs: nnx.Rngs):
+        self.block1 = _Block(in_channels, width, rngs)
+        self.block2 = _Block(width, width, rngs)
+        self.drop = nnx.Dropout(dropout, rngs=rngs)
+        self.pool = _GlobalAvgPool()
+
+    def __call__(self, x):
+        return self.pool(self.drop(self.block2(self.block1(x))))
+
+
+class _Head(nnx.Module):
+    def __init__(self, width: int, num_classes: int, dropout: float, rngs: nnx.Rngs):
+        self.drop = nnx.Dropout(dropout, rngs=rngs)
+        self.dense = nnx.Linear(width, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dense(self.drop(x))
+
+
+class SmallCNN(nnx.Module):
+    """The reference model: base (two conv-BN-ReLU blocks, dropout, pooling) and head."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        width: int = 8,
+        dropout: float = 0.2,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        self.base = _Base(in_channels, width, dropout, rngs)
+        self.head = _Head(width, num_classes, dropout, rngs)
+
+    def __call__(self, x):
+        return self.head(self.base(x))
+
+
+ADAPTER = FlaxAdapter()

@@ -1,0 +1,297 @@
+"""Keras 3 adapter: variable ``trainable`` flags for freezing, BN's own ``trainable`` for
+frozen statistics, an instance-level ``call`` pin for the other modes.
+
+Why these mechanisms (checked against keras/src/layers/layer.py, 3.15.1):
+
+- Freezing sets ``v.trainable`` on a layer's *own* variables only. A model's optimizer
+  trains exactly ``model.trainable_variables`` = the variables with ``v.trainable``
+  (the root's ``trainable`` aside), so per-layer freezing needs no recursion; Keras's own
+  ``layer.trainable = ...`` setter recurses into every sublayer, which is what xfer avoids.
+- BatchNormalization computes ``if training and self.trainable``: ``bn.trainable = False``
+  is Keras's native "inference mode" for BN, whatever ``fit()`` or an outer
+  ``training=True`` says. So a BN pinned to inference is ``bn._trainable = False`` (the
+  private field, so the gamma/beta flags stay as they are: BN "affine" is ``_trainable``
+  False with trainable gamma/beta). It is in the layer config, so it survives ``.keras``.
+- Every other pin rewrites ``training`` in the layer's own ``call``. In a functional model
+  the outer ``training`` overwrites a stored ``base(x, training=False)``, and ``fit()``
+  always passes ``training=True``; the one place that sees the final value is the call
+  itself. Keras's ``Operation.__call__`` looks ``self.call`` up on the instance, so the pin
+  is an instance attribute ``call`` wrapping the class's method (traced as a Python
+  constant under jit, so it holds inside ``fit()``; compile after pinning, as Keras requires
+  after any change of state).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import keras
+import numpy as np
+
+from xfer._adapter import Unit
+
+L = keras.layers
+_DROPOUTS = (L.Dropout, L.GaussianDropout, L.AlphaDropout)  # SpatialDropout* subclass Dropout
+_CONVS = (
+    L.Conv1D, L.Conv2D, L.Conv3D, L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose,
+    L.DepthwiseConv1D, L.DepthwiseConv2D, L.SeparableConv1D, L.SeparableConv2D,
+)  # fmt: skip
+_NORMS = tuple(
+    getattr(L, n)
+    for n in ("LayerNormalization", "GroupNormalization", "UnitNormalization", "RMSNormalization")
+    if hasattr(L, n)
+)
+
+
+def _own_weights(layer) -> list:
+    seen, out = set(), []
+    for v in [*layer._trainable_variables, *layer._non_trainable_variables]:
+        if id(v) not in seen:
+            seen.add(id(v))
+            out.append(v)
+    return out
+
+
+def _children(layer) -> list:
+    return [c for c in getattr(layer, "_layers", []) if not isinstance(c, L.InputLayer)]
+
+
+def _segment(parent, child) -> str:
+    # Subclassed layers: the attribute the parent holds the child under. With
+    # KERAS_BACKEND=torch, sublayers live in torch's ``_modules``, not ``__dict__``.
+    for attrs in (vars(parent), getattr(parent, "_modules", {})):
+        for attr, value in attrs.items():
+            if value is child and not attr.startswith("_"):
+                return attr
+    return child.name
+
+
+def _kind(layer) -> str:
+    if isinstance(layer, L.BatchNormalization):
+        return "batchnorm"
+    if isinstance(layer, _DROPOUTS):
+        return "dropout"
+    if isinstance(layer, _CONVS):
+        return "conv"
+    if isinstance(layer, (L.Dense, L.EinsumDense)):
+        return "dense"
+    if isinstance(layer, _NORMS):
+        return "norm"
+    if _children(layer) and not _own_weights(layer):
+        return "container"
+    return "other"
+
+
+def _pinned_call(layer, *args, **kwargs):
+    # A module-level function behind functools.partial: nothing for .keras saving to walk
+    # (it only follows Keras objects), and the class's call stays the one in the config.
+    mode = layer.__dict__.get("_xfer_mode")
+    if mode in ("train", "inference"):
+        training = mode == "train"
+        position = layer.call_signature_parameters.index("training")
+        if len(args) > position:
+            args = (*args[:position], training, *args[position + 1 :])
+        else:
+            kwargs["training"] = training
+    return type(layer).call(layer, *args, **kwargs)
+
+
+def _install_pin(layer, mode: str | None) -> None:
+    # Written to __dict__ directly: Keras's tracker and torch's __setattr__ need not see it.
+    if mode is None:
+        layer.__dict__.pop("_xfer_mode", None)
+        layer.__dict__.pop("call", None)
+        return
+    layer.__dict__["_xfer_mode"] = mode
+    # A container (sublayers, no variables) has no computation of its own to pin, and a
+    # Keras container forwards `training` explicitly to its children (Functional and
+    # Sequential do), so rewriting it would pin the whole subtree. Its pin is recorded,
+    # not applied, as a torch container's `training` flag does not reach its children
+    # either; select "block.**" to pin what is inside. A non-container layer with
+    # sublayers that forwards `training` by hand does pass its pinned value on.
+    if layer._call_has_training_arg and _kind(layer) != "container":
+        layer.__dict__["call"] = functools.partial(_pinned_call, layer)
+
+
+def _parents(unit: Unit) -> list:
+    parents, layer = [], unit.root
+    for segment in unit.path.split(".") if unit.path else []:
+        parents.append(layer)
+        layer = next(c for c in _children(layer) if _segment(layer, c) == segment)
+    return parents
+
+
+@keras.saving.register_keras_serializable(package="xfer")
+class _Block(keras.layers.Layer):
+    """conv -> BN -> ReLU for ``small_cnn``; its sublayers are in its config so that their
+    ``trainable`` flags (BN "frozen" included) survive ``.keras``."""
+
+    def __init__(self, filters: int, conv=None, bn=None, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        load = keras.saving.deserialize_keras_object
+        self.conv = load(conv) if conv else L.Conv2D(filters, 3, padding="same")
+        self.bn = load(bn) if bn else L.BatchNormalization(epsilon=1e-3, momentum=0.9)
+
+    def build(self, input_shape):
+        if not self.conv.built:  # deserialized sublayers arrive built
+            self.conv.build(input_shape)
+        if not self.bn.built:
+            self.bn.build((*input_shape[:-1], self.filters))
+
+    def call(self, x, training=None):
+        return keras.ops.relu(self.bn(self.conv(x)))
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.filters)
+
+    def get_config(self):
+        save = keras.saving.serialize_keras_object
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "conv": save(self.conv),
+            "bn": save(self.bn),
+        }
+
+
+class KerasAdapter:
+    name = "keras"
+
+    def owns(self, model) -> bool:
+        return isinstance(model, keras.Layer)
+
+    def units(self, model) -> list[Unit]:
+        units: list[Unit] = []
+
+        def add(layer, path: str, index: int) -> None:
+            params = layer._trainable_variables
+            n_params = sum(int(np.prod(v.shape)) for v in params)
+            # Moving statistics are BN's non-trainable variables (never parameters).
+            stats = (
+                layer._non_trainable_variables if isinstance(layer, L.BatchNormalization) else []
+            )
+            name, depth = path.rpartition(".")[2], path.count(".") + bool(path)
+            units.append(
+                Unit(
+                    path,
+                    name,
+                    _kind(layer),
+                    index,
+                    depth,
+                    n_params,
+                    layer,
+                    model,
+                    tuple(v.name for v in params),
+                    tuple(v.name for v in stats),
+                )  # fmt: skip
+            )
+
+        def visit(layer, path: str, index: int) -> None:
+            add(layer, path, index)
+            for child in _children(layer):
+                visit(child, f"{path}.{_segment(layer, child)}", index)
+
+        top = _children(model)
+        if not top or _own_weights(model):
+            add(model, "", -1 if top else 0)
+        for i, child in enumerate(top):
+            visit(child, _segment(model, child), i)
+        return units
+
+    def small_cnn(
+        self, num_classes: int, in_channels: int, *, width: int, dropout: float, seed: int
+    ):
+        keras.utils.set_random_seed(seed)
+        inputs = keras.Input((None, None, in_channels))
+        x = _Block(width, name="block1")(inputs)
+        x = _Block(width, name="block2")(x)
+        x = L.Dropout(dropout, name="drop")(x)
+        base = keras.Model(inputs, L.GlobalAveragePooling2D(name="pool")(x), name="base")
+        head = keras.Sequential(
+            [
+                keras.Input((width,)),
+                L.Dropout(dropout, name="drop"),
+                L.Dense(num_classes, name="dense"),
+            ],
+            name="head",
+        )
+        inputs = keras.Input((None, None, in_channels))
+        # The transfer-learning guide's nested call, whose training=False fit() overrides.
+        return keras.Model(inputs, head(base(inputs, training=False)), name="small_cnn")
+
+    def fit(self, model, x, y, *, epochs, batch_size, lr, weight_decay) -> list[float]:
+        # Keras's own loop; compiling here also rebuilds the train step after xfer calls.
+        model.compile(
+            optimizer=keras.optimizers.AdamW(lr, weight_decay=weight_decay),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        history = model.fit(
+            np.asarray(x, "float32"), np.asarray(y), batch_size=batch_size, epochs=epochs,
+            shuffle=False, verbose=0,
+        )  # fmt: skip
+        return [float(v) for v in history.history["loss"]]
+
+    def predict(self, model, x) -> np.ndarray:
+        # An eager call rather than model.predict(): a cached predict function would not
+        # see pins changed since it was traced.
+        x = np.asarray(x, "float32")
+        out = [model(x[i : i + 256], training=False) for i in range(0, len(x), 256)]
+        return np.concatenate([keras.ops.convert_to_numpy(o) for o in out])
+
+    def param_counts(self, unit: Unit) -> tuple[int, int]:
+        params = unit.native._trainable_variables
+        trainable = sum(int(np.prod(v.shape)) for v in params if v.trainable)
+        return trainable, sum(int(np.prod(v.shape)) for v in params) - trainable
+
+    def set_trainable(self, unit: Unit, trainable: bool) -> None:
+        layer = unit.native
+        for v in layer._trainable_variables:
+            v.trainable = trainable
+        if not isinstance(layer, L.BatchNormalization) and not _children(layer):
+            # The private field, as Keras's setter would recurse; BN's encodes its mode.
+            layer._trainable = trainable
+        if trainable:
+            # A model with trainable=False has no trainable_variables at all, whatever its
+            # variables' flags, so fit() would train nothing; its sub-models likewise for
+            # anyone who trains or counts them alone. Parents have no variables of their
+            # own, so this changes no other unit's state.
+            for parent in _parents(unit):
+                parent._trainable = True
+
+    def get_mode(self, unit: Unit) -> str:
+        layer = unit.native
+        if isinstance(layer, L.BatchNormalization) and not layer._trainable:
+            return "inference"
+        return layer.__dict__.get("_xfer_mode") or "inherit"
+
+    def set_mode(self, unit: Unit, mode: str) -> None:
+        layer = unit.native
+        if isinstance(layer, L.BatchNormalization):
+            # Keras's native inference BN; the call pin is left for "train" only.
+            layer._trainable = mode != "inference"
+            _install_pin(layer, "train" if mode == "train" else None)
+            return
+        _install_pin(layer, None if mode == "inherit" else mode)
+
+    def snapshot(self, model) -> dict[str, np.ndarray]:
+        out = {}
+        units = self.units(model)
+        root = [] if any(u.path == "" for u in units) else [("", model)]
+        for path, layer in [*root, *((u.path, u.native) for u in units)]:
+            for v in _own_weights(layer):
+                key = f"{path}.{v.name}" if path else v.name
+                out[key] = np.array(keras.ops.convert_to_numpy(v.value), copy=True)
+        return out
+
+    def persistence(self) -> str:
+        return (
+            ".keras keeps each layer's `trainable` (so BN 'frozen' survives natively, for "
+            "layers the config records: functional/Sequential ones and sublayers a custom "
+            "layer serializes in get_config) but not the mode pins of other layers nor "
+            "trainable gamma/beta under a BN pinned to inference; save "
+            "xfer.export_state(model) beside it and re-apply it with xfer.import_state."
+        )
+
+
+ADAPTER = KerasAdapter()

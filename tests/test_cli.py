@@ -1,0 +1,25 @@
+"""The command line: ``xfer info`` and the main job ``xfer demo``."""
+
+from __future__ import annotations
+
+import json
+
+from xfer.cli import main
+
+
+def test_info_reports_backends_as_json(capsys):
+    assert main(["info", "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["backends"]) == {"torch", "keras", "flax"}
+
+
+def test_demo_keeps_every_promised_tensor_and_learns(kit, capsys):
+    backend = kit.id.partition("-")[0]
+    assert main(["demo", "--backend", backend, "--format", "json"]) == 0
+    stages = json.loads(capsys.readouterr().out)[backend]
+    assert [s["stage"] for s in stages] == ["pretrain", "head", "finetune"]
+    head, finetune = stages[1], stages[2]
+    assert head["kept"] == 12 and head["changed"] == []  # 2 convs x2, 2 BN x (2 params + 2 stats)
+    assert finetune["kept"] == 4 and finetune["changed"] == []  # BN "affine": statistics only
+    assert head["n_frozen"] == 840 and finetune["n_frozen"] == 0
+    assert finetune["accuracy"] > 0.5  # four classes: chance is 0.25
