@@ -81,11 +81,27 @@ def _flatten(key: str, value: Any) -> Iterator[tuple[str, Any]]:
             yield from _flatten(f"{key}.{k}", item)
 
 
+# NNX re-sorts a module's attributes by name when a jitted step writes the model back, so
+# definition order (which S.top/S.from_index and the summary follow) is recorded on each
+# module the first time xfer walks it, as a static attribute that split/merge keep.
+_ORDER = "_xfer_order"
+
+
+def _attribute_names(module: nnx.Module) -> list[str]:
+    names = [n for n in vars(module) if not n.startswith("_pytree__") and n != _ORDER]
+    recorded = vars(module).get(_ORDER)
+    if recorded is None:
+        if not isinstance(module, _COLLECTIONS):
+            setattr(module, _ORDER, tuple(names))
+        return names
+    position = {name: i for i, name in enumerate(recorded)}
+    return sorted(names, key=lambda n: position.get(n, len(position)))
+
+
 def _members(module: nnx.Module) -> Iterator[tuple[str, Any]]:
     """The modules and variables a module holds itself, in definition order."""
-    for name, value in vars(module).items():
-        if not name.startswith("_pytree__"):
-            yield from _flatten(name, value)
+    for name in _attribute_names(module):
+        yield from _flatten(name, getattr(module, name))
 
 
 def _own_variables(module: nnx.Module) -> list[tuple[str, nnx.Variable]]:
@@ -215,9 +231,6 @@ def _pinned_class(base: type, mode: str) -> type:
 class FlaxAdapter:
     name = "flax"
 
-    def owns(self, model) -> bool:
-        return isinstance(model, nnx.Module)
-
     def units(self, model: nnx.Module) -> list[Unit]:
         found = _walk(model)
         has_children = len(found) > 1
@@ -290,7 +303,9 @@ class FlaxAdapter:
     def small_cnn(
         self, num_classes: int, in_channels: int, *, width: int, dropout: float, seed: int
     ):
-        return SmallCNN(num_classes, in_channels, width, dropout, rngs=nnx.Rngs(seed))
+        model = SmallCNN(num_classes, in_channels, width, dropout, rngs=nnx.Rngs(seed))
+        self.units(model)  # records the definition order now, before any jit sees the model
+        return model
 
     def fit(self, model, x, y, *, epochs, batch_size, lr, weight_decay) -> list[float]:
         # The Flax docs loop, with no xfer code in it: an Optimizer over nnx.Param,

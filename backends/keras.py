@@ -158,9 +158,6 @@ class _Block(keras.layers.Layer):
 class KerasAdapter:
     name = "keras"
 
-    def owns(self, model) -> bool:
-        return isinstance(model, keras.Layer)
-
     def units(self, model) -> list[Unit]:
         units: list[Unit] = []
 

@@ -55,9 +55,6 @@ def _apply_pin(module: nn.Module, args) -> None:
 class TorchAdapter:
     name = "torch"
 
-    def owns(self, model) -> bool:
-        return isinstance(model, nn.Module)
-
     def units(self, model: nn.Module) -> list[Unit]:
         top = {name: i for i, (name, _) in enumerate(model.named_children())}
         units = []

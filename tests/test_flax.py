@@ -194,3 +194,27 @@ def test_reference_model_trains_with_the_adapter_loop_and_keeps_frozen_tensors(k
     assert len(losses) == 1 and np.isfinite(losses).all()
     assert xfer.changed_tensors(before, xfer.snapshot(model), keys) == []
     assert adapter.predict(model, x).shape == (16, 4)
+
+
+def test_unit_order_survives_nnx_resorting_attributes_after_a_jitted_step(kit):
+    # NNX writes a jitted step's result back with attributes sorted by name (head before
+    # stem here); xfer keeps the definition order it recorded, so S.top(1) is still "head".
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.stem = nnx.Linear(2, 2, rngs=rngs)
+            self.base = nnx.Linear(2, 2, rngs=rngs)
+            self.head = nnx.Linear(2, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(self.base(self.stem(x)))
+
+    model = Net(nnx.Rngs(0))
+    order = [r.path for r in xfer.summary(model, print_fn=None).rows]
+    assert order == ["stem", "base", "head"]
+    kit.fit(model, np.ones((4, 2), "float32"), np.zeros(4, "int64"), epochs=1, batch_size=4)
+    assert list(vars(model))[-3:] == ["base", "head", "stem"]  # NNX re-sorted them
+    assert [r.path for r in xfer.summary(model, print_fn=None).rows] == order
+    xfer.freeze(model, S.top(1))
+    assert xfer.summary(model, print_fn=None).row("head").trainable == "no"

@@ -58,9 +58,6 @@ class Adapter(Protocol):
 
     name: str
 
-    def owns(self, model: Any) -> bool:
-        """Whether ``model`` is a model of this framework."""
-
     def units(self, model: Any) -> list[Unit]:
         """Every unit below the root, parents before children, in definition order.
 

@@ -48,7 +48,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     report, failures = {}, 0
     for backend in backends:
         _config.require(backend)
-        results, model = demo.run(backend, seed=args.seed)
+        results, model = demo.run(backend, seed=args.seed, progress=_progress(args))
         failures += sum(bool(r.changed) for r in results)
         report[backend] = [dataclasses.asdict(r) for r in results]
         if args.format == "text":
@@ -63,6 +63,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "\nEvery tensor xfer promised to keep is bit-identical, with no xfer code in the loops."
         )
     return 1 if failures else 0
+
+
+def _progress(args: argparse.Namespace):
+    """A one-line progress printer on stderr, when a person is watching."""
+    if args.quiet or args.format != "text" or not sys.stderr.isatty():
+        return None
+    return lambda message: print(f"  ... {message}", file=sys.stderr, flush=True)
 
 
 def _keras_engine() -> str:
@@ -86,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--format", choices=("text", "json"), default="text")
+    demo.add_argument("--quiet", action="store_true", help="no progress lines")
     demo.set_defaults(run=cmd_demo)
     return parser
 

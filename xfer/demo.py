@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -61,7 +62,9 @@ class StageResult:
     seconds: float
 
 
-def run(backend: str, seed: int = 0) -> tuple[list[StageResult], Any]:
+def run(
+    backend: str, seed: int = 0, progress: Callable[[str], None] | None = None
+) -> tuple[list[StageResult], Any]:
     """Run the three stages on ``backend``; return the per-stage results and the model.
 
     Example:
@@ -76,6 +79,8 @@ def run(backend: str, seed: int = 0) -> tuple[list[StageResult], Any]:
     model = xfer.models.small_cnn(NUM_CLASSES, 3, width=8, dropout=0.2, seed=seed, backend=backend)
 
     def stage(name, trains, x, y, epochs, lr):
+        if progress is not None:
+            progress(f"{backend}: {name} ({epochs} epochs on {len(x)} images)")
         keys = xfer.frozen_tensors(model)
         before = xfer.snapshot(model)
         start = time.perf_counter()
