@@ -36,6 +36,7 @@ import itertools
 from collections.abc import Iterator
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -61,6 +62,16 @@ _ORIGINAL_TYPE = "xfer_param_type"
 _MODE_ATTRIBUTES = ("use_running_average", "deterministic")
 _COLLECTIONS = (nnx.List, nnx.Dict)
 _NORMS = (nnx.LayerNorm, nnx.GroupNorm, nnx.RMSNorm, nnx.InstanceNorm)
+# NNX -> neutral (Keras) names per module type. NNX kernels are already channels-last
+# (Conv (*k, in/groups, out), Linear (in, out)); RMSNorm's "scale" is Keras's name too.
+# ConvTranspose keeps NNX's kernel, (*k, in, out) and unflipped unless transpose_kernel:
+# no fixed permutation matches Keras's or PyTorch's transposed convs.
+_BN_ROLES = {"scale": "gamma", "bias": "beta", "mean": "moving_mean", "var": "moving_variance"}
+_ROLES = (
+    (nnx.BatchNorm, _BN_ROLES),
+    ((nnx.LayerNorm, nnx.GroupNorm, nnx.InstanceNorm), {"scale": "gamma", "bias": "beta"}),
+    (nnx.Embed, {"embedding": "embeddings"}),
+)
 _KINDS = (
     (nnx.BatchNorm, "batchnorm"),
     (nnx.Dropout, "dropout"),
@@ -291,6 +302,33 @@ class FlaxAdapter:
                     name = f"{path}.{key}" if path else key
                     out[name] = np.array(variable.get_value(), copy=True)
         return out
+
+    def _neutral_variables(self, model: nnx.Module):
+        seen = set()
+        for path, module, _ in _walk(model):
+            roles = next((r for types, r in _ROLES if isinstance(module, types)), {})
+            for key, variable in _own_variables(module):
+                exported = _is_param(variable) or isinstance(variable, nnx.BatchStat)
+                if exported and id(variable) not in seen:
+                    seen.add(id(variable))
+                    role = roles.get(key, key)
+                    yield (f"{path}.{role}" if path else role), variable
+
+    def export_weights(self, model: nnx.Module) -> dict[str, np.ndarray]:
+        return {
+            key: np.array(variable.get_value(), copy=True)
+            for key, variable in self._neutral_variables(model)
+        }
+
+    def assign_weights(self, model: nnx.Module, weights: dict[str, np.ndarray]) -> None:
+        planned = []
+        for key, variable in self._neutral_variables(model):
+            old = variable.get_value()
+            placed = old.sharding if isinstance(old, jax.Array) else None
+            planned.append((variable, jax.device_put(weights[key], placed)))
+        for variable, value in planned:
+            # The value only: the Variable object, and so its type (Param, Frozen), stays.
+            variable.set_value(value)
 
     def persistence(self) -> str:
         return (

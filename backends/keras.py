@@ -281,6 +281,30 @@ class KerasAdapter:
                 out[key] = np.array(keras.ops.convert_to_numpy(v.value), copy=True)
         return out
 
+    def _neutral_variables(self, model):
+        # Keras's own names and layouts are the neutral ones (DepthwiseConv's (*k, in,
+        # multiplier) kernel included: it stays Keras's, the other frameworks store a
+        # depthwise conv as a grouped one, (*k, 1, in * multiplier)).
+        seen = set()
+        units = self.units(model)
+        root = [] if any(u.path == "" for u in units) else [("", model)]
+        for path, layer in [*root, *((u.path, u.native) for u in units)]:
+            for v in _own_weights(layer):
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    yield (f"{path}.{v.name}" if path else v.name), v
+
+    def export_weights(self, model) -> dict[str, np.ndarray]:
+        return {
+            key: np.array(keras.ops.convert_to_numpy(v.value), copy=True)
+            for key, v in self._neutral_variables(model)
+        }
+
+    def assign_weights(self, model, weights: dict[str, np.ndarray]) -> None:
+        # v.assign keeps the variable object, its trainable flag and its device.
+        for key, v in list(self._neutral_variables(model)):
+            v.assign(weights[key])
+
     def persistence(self) -> str:
         return (
             ".keras keeps each layer's `trainable` (so BN 'frozen' survives natively, for "

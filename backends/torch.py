@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.dropout import _DropoutNd
 
@@ -39,6 +39,66 @@ def _kind(module: nn.Module) -> str:
     if next(module.children(), None) is not None and not module._parameters:
         return "container"
     return "other"
+
+
+# Native -> neutral (Keras) names per module type; _NormBase covers BatchNorm and InstanceNorm.
+# Variables of other modules keep their native names (and layouts).
+_BN_ROLES = {
+    "weight": "gamma",
+    "bias": "beta",
+    "running_mean": "moving_mean",
+    "running_var": "moving_variance",
+}
+_ROLES = (
+    (_NormBase, _BN_ROLES),
+    ((nn.LayerNorm, nn.GroupNorm), {"weight": "gamma", "bias": "beta"}),
+    (nn.RMSNorm, {"weight": "scale"}),
+    ((_ConvNd, nn.Linear), {"weight": "kernel"}),
+    (nn.Embedding, {"weight": "embeddings"}),
+)
+
+
+def _layout(module: nn.Module, name: str) -> tuple[int, ...] | None:
+    """The permutation from the native layout to the neutral one (None: the same layout)."""
+    if name != "weight":
+        return None
+    if isinstance(module, _ConvNd):
+        # (out, in/groups, *k) -> (*k, in/groups, out): grouped and depthwise convs come out
+        # as Keras Conv(groups=) and Flax Conv(feature_group_count=) store them. Transposed
+        # convs, (in, out/groups, *k) -> (*k, out/groups, in), come out in Keras's
+        # Conv*Transpose layout (checked numerically against Keras for valid padding).
+        spatial = module.weight.dim() - 2
+        return (*range(2, spatial + 2), 1, 0)
+    if isinstance(module, nn.Linear):
+        return (1, 0)
+    return None
+
+
+def _neutral_variables(model: nn.Module):
+    """(neutral key, tensor, permutation) of every parameter and persistent buffer, once each."""
+    seen = set()
+    for path, module in model.named_modules():
+        roles = next((r for types, r in _ROLES if isinstance(module, types)), {})
+        buffers = [
+            (n, b)
+            for n, b in module._buffers.items()
+            if n not in module._non_persistent_buffers_set
+            # A step counter the other frameworks do not have; it only matters for momentum=None.
+            and not (isinstance(module, _NormBase) and n == "num_batches_tracked")
+        ]
+        for name, tensor in [*module._parameters.items(), *buffers]:
+            if tensor is None or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            role = roles.get(name, name)
+            yield (f"{path}.{role}" if path else role), tensor, _layout(module, name)
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+        tensor = tensor.float()
+    return tensor.numpy()
 
 
 def _own_params(module: nn.Module) -> list[nn.Parameter]:
@@ -113,6 +173,26 @@ class TorchAdapter:
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             out[name] = tensor.detach().cpu().numpy().copy()
         return out
+
+    def export_weights(self, model: nn.Module) -> dict[str, np.ndarray]:
+        out = {}
+        for key, tensor, perm in _neutral_variables(model):
+            array = _numpy(tensor)
+            out[key] = np.ascontiguousarray(array.transpose(perm)) if perm else array.copy()
+        return out
+
+    def assign_weights(self, model: nn.Module, weights: dict[str, np.ndarray]) -> None:
+        # Everything converted first, then copied: a conversion error assigns nothing.
+        planned = [
+            (
+                tensor,
+                torch.tensor(weights[key].transpose(np.argsort(perm)) if perm else weights[key]),
+            )
+            for key, tensor, perm in _neutral_variables(model)
+        ]
+        with torch.no_grad():
+            for tensor, value in planned:
+                tensor.copy_(value)  # in place: same Parameter, device, dtype, requires_grad
 
     def persistence(self) -> str:
         return (

@@ -30,6 +30,7 @@ from xfer.state import (
     unfreeze,
 )
 from xfer.summary import Summary, summary
+from xfer.weights import export_weights, import_weights, load_weights, save_weights
 
 __version__ = "0.1.0"
 
@@ -45,11 +46,15 @@ __all__ = [
     "backend_context",
     "changed_tensors",
     "export_state",
+    "export_weights",
     "freeze",
     "frozen_tensors",
     "get_backend",
     "import_state",
+    "import_weights",
+    "load_weights",
     "models",
+    "save_weights",
     "select",
     "set_backend",
     "set_bn",

@@ -101,6 +101,23 @@ class Adapter(Protocol):
     def snapshot(self, model: Any) -> dict[str, np.ndarray]:
         """Every parameter and BN statistic as numpy, keyed ``<unit path>.<native name>``."""
 
+    def export_weights(self, model: Any) -> dict[str, np.ndarray]:
+        """Every parameter and BN statistic as numpy copies in the neutral layout.
+
+        Keys ``<unit path>.<role>`` with Keras's role names (``kernel``, ``bias``, ``gamma``,
+        ``beta``, ``moving_mean``, ``moving_variance``); conv kernels ``(*spatial, in,
+        out)``, dense kernels ``(in, out)``. A variable left in its native layout keeps its
+        native name. Tied variables appear once.
+        """
+
+    def assign_weights(self, model: Any, weights: dict[str, np.ndarray]) -> None:
+        """Assign values in the neutral layout, converted back to the native one, in place.
+
+        Called only after ``xfer.weights`` checked that ``weights`` has exactly the names,
+        shapes and dtypes of ``export_weights(model)``. Variable objects, their types,
+        devices and trainable flags stay as they are.
+        """
+
     def persistence(self) -> str:
         """One sentence: what of the xfer state the framework's own save format keeps."""
 
