@@ -65,6 +65,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def cmd_semantics(args: argparse.Namespace) -> int:
+    """Measure what each framework's own freeze/mode switches do here, beside xfer's guarantees."""
+    from xfer import semantics
+
+    report = semantics.measure(args.backend, progress=_progress(args))
+    render = {
+        "text": semantics.to_text,
+        "json": semantics.to_json,
+        "markdown": semantics.to_markdown,
+    }[args.format]
+    print(render(report).rstrip("\n"))
+    failed = semantics.broken(report)
+    if failed:
+        print(f"xfer guarantees that did not hold: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _progress(args: argparse.Namespace):
     """A one-line progress printer on stderr, when a person is watching."""
     if args.quiet or args.format != "text" or not sys.stderr.isatty():
@@ -95,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--format", choices=("text", "json"), default="text")
     demo.add_argument("--quiet", action="store_true", help="no progress lines")
     demo.set_defaults(run=cmd_demo)
+    semantics = commands.add_parser("semantics", help=cmd_semantics.__doc__)
+    semantics.add_argument(
+        "--backend",
+        action="append",
+        choices=_config.BACKENDS,
+        help="repeatable; default: every installed backend (Keras on each installed engine)",
+    )
+    semantics.add_argument("--format", choices=("text", "json", "markdown"), default="text")
+    semantics.add_argument("--quiet", action="store_true", help="no progress lines")
+    semantics.set_defaults(run=cmd_semantics)
     return parser
 
 

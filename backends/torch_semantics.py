@@ -1,0 +1,313 @@
+"""What PyTorch's own switches do, measured on tiny models; the same probes through xfer.
+
+Each probe returns ``{"native": value, "xfer": value, "detail": str}`` for one row of
+``xfer.semantics.ROWS``. Nothing is assumed about the installed version: every value comes
+from running the framework. The global RNG is left as it was (``torch.random.fork_rng``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+import xfer
+from xfer import select as S
+from xfer.semantics import run_probes
+
+
+def versions() -> dict[str, str]:
+    """The installed versions these probes measure.
+
+    Example:
+        >>> versions()["torch"]                              # doctest: +SKIP
+        '2.13.0'
+    """
+    return {"torch": torch.__version__.split("+")[0]}
+
+
+def _net() -> nn.Sequential:
+    base = nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(3, 4, 3, padding=1),
+            bn=nn.BatchNorm2d(4),
+            relu=nn.ReLU(),
+            drop=nn.Dropout(0.5),
+        )
+    )
+    head = nn.Sequential(
+        OrderedDict(pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), dense=nn.Linear(4, 2))
+    )
+    return nn.Sequential(OrderedDict(base=base, head=head))
+
+
+def _images(n: int = 8, size: int = 6, offset: float = 0.5) -> torch.Tensor:
+    # A non-zero mean and a non-unit spread, so that BN statistics visibly move.
+    return torch.randn(n, 3, size, size) * 2.0 + offset
+
+
+def _stats(bn: nn.Module) -> list[torch.Tensor]:
+    return [bn.running_mean.clone(), bn.running_var.clone()]
+
+
+def _changed(before: list[torch.Tensor], bn: nn.Module) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, _stats(bn), strict=True))
+
+
+def _step(model: nn.Module, x: torch.Tensor) -> None:
+    """One step of the tutorial loop: optimizer over model.parameters(), model.train()."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model.train()
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    opt.step()
+
+
+def _kept(model: nn.Module, action: Callable[[], None]) -> bool:
+    """Whether every tensor xfer promised to keep is bit-identical after ``action``."""
+    keys = xfer.frozen_tensors(model)
+    before = xfer.snapshot(model)
+    action()
+    return bool(keys) and not xfer.changed_tensors(before, xfer.snapshot(model), keys)
+
+
+def freeze_stops_bn_stats() -> dict:
+    x = _images()
+    model = _net()
+    model.requires_grad_(False)
+    model.train()
+    before = _stats(model.base.bn)
+    model(x)
+    plain = _changed(before, model.base.bn)
+    before = _stats(model.base.bn)
+    with torch.no_grad():
+        model(x)
+    no_grad = _changed(before, model.base.bn)
+
+    model = _net()
+    xfer.freeze(model, S.path("base.**"))
+    kept = _kept(model, lambda: _step(model, x))
+    return {
+        "native": not (plain or no_grad),
+        "xfer": kept,
+        "detail": (
+            f"requires_grad_(False) then a train() forward: running stats "
+            f"{'changed' if plain else 'unchanged'}; inside torch.no_grad(): "
+            f"{'changed' if no_grad else 'unchanged'}"
+        ),
+    }
+
+
+def parent_train_undoes_child_eval() -> dict:
+    x = _images()
+    model = _net()
+    model.base.eval()
+    model.train()
+    before = _stats(model.base.bn)
+    with torch.no_grad():
+        model(x)
+    child_training = model.base.bn.training
+    native = child_training and _changed(before, model.base.bn)
+
+    model = _net()
+    xfer.set_mode(model, "inference", S.path("base.**"))
+
+    def train_forward() -> None:
+        model.train()
+        with torch.no_grad():
+            train_forward.out = model(x)
+
+    kept = _kept(model, train_forward)
+    model.eval()
+    with torch.no_grad():
+        same = torch.equal(train_forward.out, model(x))
+    return {
+        "native": bool(native),
+        "xfer": kept and same,
+        "detail": f"base.eval() then model.train(): base.bn.training={child_training}, "
+        + ("the next forward updated its running stats" if native else "running stats unchanged"),
+    }
+
+
+def dropout_active_when_frozen() -> dict:
+    x = torch.randn(8, 16)
+    model = nn.Sequential(OrderedDict(dense=nn.Linear(16, 16), drop=nn.Dropout(0.5)))
+    model.requires_grad_(False)
+    model.eval()
+    with torch.no_grad():
+        reference = model(x)
+        model.train()
+        native = not torch.equal(model(x), reference)
+
+    model = nn.Sequential(OrderedDict(dense=nn.Linear(16, 16), drop=nn.Dropout(0.5)))
+    xfer.freeze(model)
+    xfer.set_mode(model, "inference", S.type("dropout"))
+    model.eval()
+    with torch.no_grad():
+        reference = model(x)
+        model.train()
+        same = torch.equal(model(x), reference)
+    return {
+        "native": native,
+        "xfer": same,
+        "detail": "requires_grad_(False), train(): Dropout "
+        + ("still drops units" if native else "is off"),
+    }
+
+
+def trainable_false_forces_inference() -> dict:
+    x = _images()
+
+    def measure(bn: nn.Module) -> tuple[bool, bool]:
+        bn.eval()
+        with torch.no_grad():
+            reference = bn(x)
+            bn.train()
+            before = _stats(bn)
+            out = bn(x)
+        return torch.equal(out, reference), not _changed(before, bn)
+
+    bn = nn.BatchNorm2d(3)
+    bn.requires_grad_(False)
+    same, kept = measure(bn)
+    bn = nn.BatchNorm2d(3)
+    xfer.freeze(bn)
+    xfer_same, xfer_kept = measure(bn)
+    return {
+        "native": same and kept,
+        "xfer": xfer_same and xfer_kept,
+        "detail": "BatchNorm2d.requires_grad_(False) in train(): "
+        + ("inference output" if same else "batch statistics used, forward unchanged by freezing"),
+    }
+
+
+def bn_default_momentum() -> dict:
+    momentum = nn.BatchNorm2d(4).momentum
+    return {
+        "native": f"{momentum:g} (keeps {1.0 - momentum:g})",
+        "xfer": "n/a",
+        "detail": f"BatchNorm2d().momentum={momentum:g} is the weight of the new batch",
+    }
+
+
+def bn_default_epsilon() -> dict:
+    return {"native": float(nn.BatchNorm2d(4).eps), "xfer": "n/a", "detail": "BatchNorm2d().eps"}
+
+
+def _batch_var(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
+    flat = x.double().numpy().transpose(1, 0, 2, 3).reshape(x.shape[1], -1)
+    return flat.var(axis=1), flat.var(axis=1, ddof=1), flat.shape[1]
+
+
+def _estimate(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    # momentum=1: the running variance becomes the batch estimate itself.
+    bn = nn.BatchNorm2d(x.shape[1], momentum=1.0)
+    bn.train()
+    with torch.no_grad():
+        bn(x)
+    biased, unbiased, _ = _batch_var(x)
+    return bn.running_var.double().numpy(), np.stack([biased, unbiased])
+
+
+def running_var_estimator() -> dict:
+    x = _images(4, 3)
+    got, (biased, unbiased) = _estimate(x)
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    err_b, err_u = np.abs(got - biased).max(), np.abs(got - unbiased).max()
+    return {
+        "native": "unbiased (n/(n-1))" if err_u < err_b else "biased",
+        "xfer": "n/a",
+        "detail": f"running_var after one batch (n=N*H*W={n}) vs the two formulas: "
+        f"|err| unbiased {err_u:.1e}, biased {err_b:.1e}",
+    }
+
+
+def fast_variance() -> dict:
+    x = _images(4, 3, offset=1e4)
+    got, (biased, unbiased) = _estimate(x)
+    err = min(np.abs(got - biased).max(), np.abs(got - unbiased).max()) / biased.max()
+    return {
+        "native": bool(err > 1e-2),
+        "xfer": "n/a",
+        "detail": f"inputs offset by 1e4: relative error of the batch variance {err:.1e}",
+    }
+
+
+def bn_batch_counter() -> dict:
+    bn = nn.BatchNorm2d(4)
+    names = [n for n, _ in bn.named_buffers()]
+    counter = [n for n in names if n not in ("running_mean", "running_var")]
+    return {
+        "native": bool(counter),
+        "xfer": "n/a",
+        "detail": "buffers: " + ", ".join(names),
+    }
+
+
+def batch_of_one_train_mode() -> dict:
+    short, long = [], []
+    for size in (1, 3):
+        bn = nn.BatchNorm2d(4)
+        bn.train()
+        try:
+            with torch.no_grad():
+                out = bn(torch.randn(1, 4, size, size))
+            beta = torch.equal(out, torch.zeros_like(out))
+            short.append(f"runs at {size}x{size}" + (" (output = beta)" if beta else ""))
+        except Exception as error:  # the message is the measurement
+            short.append(f"{type(error).__name__} at {size}x{size}")
+            long.append(f"{size}x{size}: {_short(error)}")
+
+    model = _net()
+    xfer.set_bn(model, "frozen")
+    x = _images(1, 1)
+    model.eval()
+    with torch.no_grad():
+        reference = model.base.bn(model.base.conv(x))
+        model.train()
+        try:
+            held = torch.equal(model.base.bn(model.base.conv(x)), reference)
+        except Exception:
+            held = False
+    return {
+        "native": "; ".join(short),
+        "xfer": held,
+        "detail": "BatchNorm2d, input 1x4xHxW in train(): " + "; ".join(long or short),
+    }
+
+
+def _short(error: Exception, limit: int = 110) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_PROBES = {
+    "freeze_stops_bn_stats": freeze_stops_bn_stats,
+    "parent_train_undoes_child_eval": parent_train_undoes_child_eval,
+    "dropout_active_when_frozen": dropout_active_when_frozen,
+    "trainable_false_forces_inference": trainable_false_forces_inference,
+    "bn_default_momentum": bn_default_momentum,
+    "bn_default_epsilon": bn_default_epsilon,
+    "running_var_estimator": running_var_estimator,
+    "fast_variance": fast_variance,
+    "bn_batch_counter": bn_batch_counter,
+    "batch_of_one_train_mode": batch_of_one_train_mode,
+}
+
+
+def probe() -> dict[str, dict]:
+    """Run every PyTorch probe; ``{row id: {"native", "xfer", "detail"}}``.
+
+    Rows that do not apply to PyTorch (Keras's nested ``training`` argument) are absent;
+    the neutral layer shows them as n/a.
+
+    Example:
+        >>> probe()["parent_train_undoes_child_eval"]["native"]   # doctest: +SKIP
+        True
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return run_probes(_PROBES)
