@@ -17,7 +17,14 @@ import tempfile
 import nox
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["lint", "tests-torch", "tests-keras-jax", "tests-keras-torch", "tests-flax"]
+nox.options.sessions = [
+    "lint",
+    "tests-torch",
+    "tests-keras-jax",
+    "tests-keras-torch",
+    "tests-flax",
+    "parity",
+]
 
 CONSTRAINTS = ("-c", "constraints.txt")
 # session backend id -> (extras to install, environment)
@@ -50,6 +57,23 @@ def _make_tests(backend: str, extras: list[str], env: dict[str, str]):
 
 for _backend, (_extras, _env) in BACKENDS.items():
     globals()[f"tests_{_backend.replace('-', '_')}"] = _make_tests(_backend, _extras, _env)
+
+
+@nox.session
+def parity(session: nox.Session) -> None:
+    """Every backend against every other, from the same neutral weights."""
+    session.install(*CONSTRAINTS, ".[all,dev]")
+    session.run(
+        "pytest",
+        "tests/test_parity_cross.py",
+        "-s",
+        *session.posargs,
+        env={
+            "XFER_PARITY": "1",
+            "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+            "KERAS_HOME": tempfile.mkdtemp(prefix="xfer-keras-"),
+        },
+    )
 
 
 @nox.session

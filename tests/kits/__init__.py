@@ -46,6 +46,7 @@ class Kit(Protocol):
     id: str  # "torch", "keras-jax", "keras-torch", "flax"
     bn_names: dict[str, str]  # neutral role -> native leaf name: gamma, beta, mean, var
     dense_kernel: str  # native leaf name of a dense kernel
+    running_var_unbiased: bool  # BN moving variance updated with the unbiased batch variance
 
     def model(self, seed: int = 0, dropout: float = 0.5) -> Any:
         """The standard test model, built and initialised (its weights exist)."""

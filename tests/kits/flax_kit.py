@@ -17,10 +17,14 @@ from kits import reference_model
 
 
 @functools.cache
-def _adamw(lr: float) -> optax.GradientTransformation:
-    # One transformation object per learning rate: it is static in the optimizer's
-    # graphdef, so reusing it lets nnx.jit reuse compiled steps across tests.
-    return optax.adamw(lr, weight_decay=0.1)
+def _transform(optimizer: str, lr: float) -> optax.GradientTransformation:
+    # One transformation object per (optimizer, learning rate): it is static in the
+    # optimizer's graphdef, so reusing it lets nnx.jit reuse compiled steps across tests.
+    return {
+        "adamw": lambda: optax.adamw(lr, weight_decay=0.1),
+        "adam": lambda: optax.adam(lr, eps=1e-12),
+        "sgd": lambda: optax.sgd(lr),
+    }[optimizer]()
 
 
 def _loss(model, x, y):
@@ -44,19 +48,20 @@ class FlaxKit:
     id = "flax"
     bn_names = {"gamma": "scale", "beta": "bias", "mean": "mean", "var": "var"}
     dense_kernel = "kernel"
+    running_var_unbiased = False
 
     def model(self, seed: int = 0, dropout: float = 0.5):
         return reference_model("flax", seed, dropout)
 
-    def fit(self, model, x, y, epochs=2, batch_size=8, lr=1e-2):
+    def fit(self, model, x, y, epochs=2, batch_size=8, lr=1e-2, optimizer="adamw"):
         # The Flax docs loop: Optimizer over nnx.Param, value_and_grad, model.train().
-        optimizer = nnx.Optimizer(model, _adamw(lr), wrt=nnx.Param)
+        opt = nnx.Optimizer(model, _transform(optimizer, lr), wrt=nnx.Param)
         xs, ys = jnp.asarray(x), jnp.asarray(y, dtype=jnp.int32)
         losses = []
         for _ in range(epochs):
             model.train()
             for i in range(0, len(xs), batch_size):
-                loss = _train_step(model, optimizer, xs[i : i + batch_size], ys[i : i + batch_size])
+                loss = _train_step(model, opt, xs[i : i + batch_size], ys[i : i + batch_size])
                 losses.append(float(loss))
         return losses
 

@@ -16,14 +16,19 @@ class KerasKit:
     id = f"keras-{keras.backend.backend()}"
     bn_names = {"gamma": "gamma", "beta": "beta", "mean": "moving_mean", "var": "moving_variance"}
     dense_kernel = "kernel"
+    running_var_unbiased = False
 
     def model(self, seed: int = 0, dropout: float = 0.5) -> keras.Model:
         return reference_model("keras", seed, dropout)
 
-    def fit(self, model, x, y, epochs=2, batch_size=8, lr=1e-2):
+    def fit(self, model, x, y, epochs=2, batch_size=8, lr=1e-2, optimizer="adamw"):
         # The native loop: compile after the xfer calls, as Keras requires, then fit.
         model.compile(
-            optimizer=keras.optimizers.AdamW(lr, weight_decay=0.1),
+            optimizer={
+                "adamw": lambda: keras.optimizers.AdamW(lr, weight_decay=0.1),
+                "adam": lambda: keras.optimizers.Adam(lr, epsilon=1e-12),
+                "sgd": lambda: keras.optimizers.SGD(lr),
+            }[optimizer](),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
         history = model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0)

@@ -19,13 +19,18 @@ class TorchKit:
     id = "torch"
     bn_names = {"gamma": "weight", "beta": "bias", "mean": "running_mean", "var": "running_var"}
     dense_kernel = "weight"
+    running_var_unbiased = True  # torch updates running_var with n/(n-1) x the batch variance
 
     def model(self, seed: int = 0, dropout: float = 0.5):
         return reference_model("torch", seed, dropout)
 
-    def fit(self, model, x, y, epochs=2, batch_size=8, lr=1e-2):
+    def fit(self, model, x, y, epochs=2, batch_size=8, lr=1e-2, optimizer="adamw"):
         # The PyTorch tutorial loop: an optimizer over model.parameters(), train() each epoch.
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+        opt = {
+            "adamw": lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=0.1),
+            "adam": lambda p: torch.optim.Adam(p, lr=lr, eps=1e-12),
+            "sgd": lambda p: torch.optim.SGD(p, lr=lr),
+        }[optimizer](model.parameters())
         loss_fn = nn.CrossEntropyLoss()
         xt, yt = _nchw(x), torch.from_numpy(y)
         losses = []
