@@ -360,9 +360,53 @@ class FlaxAdapter:
             losses.append(total / len(ys))
         return losses
 
+    def trainer(self, model, *, optimizer, lr, weight_decay, lr_groups):
+        tx = _OPTIMIZERS[optimizer](lr, weight_decay)
+        if lr_groups:
+            # One transformation per learning rate, chosen per parameter by its unit path.
+            group_of = {}
+            for i, (paths, _) in reversed(list(enumerate(lr_groups))):  # the first group wins
+                group_of.update(dict.fromkeys(paths, f"group{i}"))
+            transforms = {"default": tx}
+            for i, (_, group_lr) in enumerate(lr_groups):
+                transforms[f"group{i}"] = _OPTIMIZERS[optimizer](group_lr, weight_decay)
+            tx = optax.multi_transform(transforms, functools.partial(_labels, group_of))
+        # The Flax docs loop: an Optimizer over nnx.Param (frozen parameters are not
+        # Params, so they get no optimizer state), model.train(), a jitted step.
+        opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+        def step(x: np.ndarray, y: np.ndarray) -> float:
+            model.train()
+            return float(
+                _train_step(model, opt, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32))
+            )
+
+        return step
+
     def predict(self, model, x) -> np.ndarray:
         model.eval()
         return np.asarray(model(jnp.asarray(x, jnp.float32)))
+
+
+# Matched on every backend: Adam's epsilon is Keras's default, SGD momentum 0.9.
+_OPTIMIZERS = {
+    "sgd": lambda lr, wd: optax.sgd(lr),
+    "momentum": lambda lr, wd: optax.sgd(lr, momentum=0.9),
+    "adam": lambda lr, wd: optax.adam(lr, eps=1e-7),
+    "adamw": lambda lr, wd: optax.adamw(lr, eps=1e-7, weight_decay=wd),
+}
+
+
+def _labels(group_of: dict[str, str], params):
+    """optax.multi_transform labels: each parameter's group, found from its unit path."""
+
+    def label(keypath, _):
+        keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keypath]
+        if keys and keys[-1] == "value":  # the leaf inside a Variable
+            keys = keys[:-1]
+        return group_of.get(".".join(keys[:-1]), "default")
+
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
 def _cross_entropy(model, x, y):

@@ -155,6 +155,15 @@ class _Block(keras.layers.Layer):
         }
 
 
+# Matched on every backend: Adam's epsilon is Keras's default, SGD momentum 0.9.
+_OPTIMIZERS = {
+    "sgd": lambda lr, wd: keras.optimizers.SGD(lr),
+    "momentum": lambda lr, wd: keras.optimizers.SGD(lr, momentum=0.9),
+    "adam": lambda lr, wd: keras.optimizers.Adam(lr, epsilon=1e-7),
+    "adamw": lambda lr, wd: keras.optimizers.AdamW(lr, weight_decay=wd, epsilon=1e-7),
+}
+
+
 class KerasAdapter:
     name = "keras"
 
@@ -228,6 +237,25 @@ class KerasAdapter:
             shuffle=False, verbose=0,
         )  # fmt: skip
         return [float(v) for v in history.history["loss"]]
+
+    def trainer(self, model, *, optimizer, lr, weight_decay, lr_groups):
+        if lr_groups:
+            raise NotImplementedError(
+                "Keras 3 optimizers have no parameter groups, so discriminative learning rates "
+                "(lr_groups) are not supported on the keras backend yet: use one lr per stage "
+                "(gradual unfreezing works), or the torch or flax backend."
+            )
+        # Keras's own loop: compile after the xfer calls (Keras collects the trainable
+        # variables there), then train_on_batch, which returns that batch's loss.
+        model.compile(
+            optimizer=_OPTIMIZERS[optimizer](lr, weight_decay),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+
+        def step(x: np.ndarray, y: np.ndarray) -> float:
+            return float(model.train_on_batch(np.asarray(x, "float32"), np.asarray(y)))
+
+        return step
 
     def predict(self, model, x) -> np.ndarray:
         # An eager call rather than model.predict(): a cached predict function would not

@@ -228,10 +228,44 @@ class TorchAdapter:
             losses.append(total / len(ys))
         return losses
 
+    def trainer(self, model, *, optimizer, lr, weight_decay, lr_groups):
+        # An optimizer over exactly the trainable parameters (frozen ones get no state),
+        # one parameter group per learning rate.
+        modules = dict(model.named_modules())
+        grouped, groups = set(), []
+        for paths, group_lr in lr_groups:
+            params = [p for path in paths for p in _own_params(modules[path]) if p.requires_grad]
+            grouped.update(map(id, params))
+            groups.append({"params": params, "lr": group_lr})
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in grouped]
+        groups = [g for g in [{"params": rest, "lr": lr}, *groups] if g["params"]]
+        opt = _OPTIMIZERS[optimizer](groups, lr, weight_decay)
+        device = next(model.parameters()).device
+
+        def step(x: np.ndarray, y: np.ndarray) -> float:
+            model.train()
+            opt.zero_grad()
+            target = torch.from_numpy(np.asarray(y)).long().to(device)
+            loss = nn.functional.cross_entropy(model(_to_tensor(x, device)), target)
+            loss.backward()
+            opt.step()
+            return loss.item()
+
+        return step
+
     def predict(self, model, x) -> np.ndarray:
         model.eval()
         with torch.no_grad():
             return model(_to_tensor(x, next(model.parameters()).device)).cpu().numpy()
+
+
+# Matched on every backend: Adam's epsilon is Keras's default, SGD momentum 0.9.
+_OPTIMIZERS = {
+    "sgd": lambda groups, lr, wd: torch.optim.SGD(groups, lr=lr),
+    "momentum": lambda groups, lr, wd: torch.optim.SGD(groups, lr=lr, momentum=0.9),
+    "adam": lambda groups, lr, wd: torch.optim.Adam(groups, lr=lr, eps=1e-7),
+    "adamw": lambda groups, lr, wd: torch.optim.AdamW(groups, lr=lr, eps=1e-7, weight_decay=wd),
+}
 
 
 def _to_tensor(x: np.ndarray, device) -> torch.Tensor:

@@ -3,7 +3,8 @@
 ``run_checks(kit)`` loads the same neutral weights into the backend's reference model and
 records, with the framework's own loops (tests/kits): inference logits; one training-mode
 forward (logits and updated BN statistics); three full-batch SGD steps in training mode;
-three Adam steps with BN "affine"; one SGD step under each BN policy. BN conventions are
+three Adam steps with BN "affine"; one SGD step under each BN policy; and xfer's own
+two-stage pipeline (loss curve, validation loss, final weights). BN conventions are
 translated so that every backend should give the same numbers: torch's running variance is
 updated with the unbiased batch variance, the others with the biased one (DESIGN §5).
 
@@ -146,6 +147,34 @@ def run_checks(kit) -> dict[str, np.ndarray]:
         kit.fit(model, x, y, epochs=1, batch_size=len(x), lr=0.05, optimizer="sgd")
         after = keras_convention(kit, weights, xfer.export_weights(model), n)
         out.update({f"policy_{policy}.{k}": v for k, v in after.items()})
+    out.update(_pipeline_checks(kit, weights))
+    return out
+
+
+def _pipeline_checks(kit, weights: dict) -> dict[str, np.ndarray]:
+    """xfer's own two-stage pipeline from the same weights and data order: its loss curve,
+    validation loss and final weights."""
+    import xfer
+    from xfer import select as S
+
+    x, y = batch(32, seed=2)
+    val = batch(16, seed=3)
+    model = kit.model(dropout=0.0)
+    xfer.import_weights(model, weights)
+    stages = [
+        xfer.Stage(
+            "head", train=S.path("head.**"), bn="frozen", mode="inference", lr=0.05, epochs=2
+        ),
+        xfer.Stage("finetune", train=S.all(), bn="affine", lr=0.01, epochs=2),
+    ]
+    history = xfer.TransferPipeline(model, stages, optimizer="momentum", batch_size=8).fit(
+        (x, y), val
+    )
+    out = {
+        "pipeline.losses": np.array(history.losses()),
+        "pipeline.val_loss": np.array([e.val_loss for s in history.stages for e in s.epochs]),
+    }
+    out.update({f"pipeline.{k}": v for k, v in xfer.export_weights(model).items()})
     return out
 
 

@@ -11,10 +11,11 @@ Example:
     >>> xfer.summary(model)                                 # doctest: +SKIP
 """
 
-from xfer import models, select
+from xfer import models, pipeline, select
 from xfer._adapter import Adapter, Unit
 from xfer._config import backend_context, get_backend, set_backend
 from xfer.audit import Finding, audit
+from xfer.pipeline import History, NonFiniteLoss, Stage, TransferPipeline
 from xfer.policy import PRESETS as BN_PRESETS
 from xfer.policy import BNPolicy
 from xfer.state import (
@@ -35,6 +36,11 @@ from xfer.weights import export_weights, import_weights, load_weights, save_weig
 __version__ = "0.1.0"
 
 __all__ = [
+    "History",
+    "NonFiniteLoss",
+    "Stage",
+    "TransferPipeline",
+    "pipeline",
     "BN_PRESETS",
     "Adapter",
     "BNPolicy",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import sys
+from collections.abc import Callable
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -82,6 +83,24 @@ class Adapter(Protocol):
         weight_decay: float,
     ) -> list[float]:
         """Train with the framework's own standard loop (AdamW, batches in order); mean loss per epoch."""
+
+    def trainer(
+        self,
+        model: Any,
+        *,
+        optimizer: str,
+        lr: float,
+        weight_decay: float,
+        lr_groups: list[tuple[list[str], float]],
+    ) -> Callable[[np.ndarray, np.ndarray], float]:
+        """A training step for ``model`` as it is now: the framework's optimizer
+        (``sgd``, ``momentum``, ``adam``, ``adamw``) over exactly the trainable parameters,
+        with ``lr`` except for the units of each ``lr_groups`` entry (unit paths, lr).
+
+        The step takes a batch (channels-last images, integer labels), runs the framework's
+        training mode, mean softmax cross-entropy on logits, one update, and returns the loss
+        computed before the update.
+        """
 
     def predict(self, model: Any, x: np.ndarray) -> np.ndarray:
         """Logits in the framework's inference mode, for channels-last numpy images."""

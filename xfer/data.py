@@ -1,0 +1,102 @@
+"""Data for the pipeline: numpy in, xfer's own seeded batch order, checks before training.
+
+xfer shuffles numpy data itself, with a generator seeded by (seed, stage, epoch), so every
+backend sees the same batches in the same order: that is what makes loss curves comparable
+across frameworks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+Batches = Iterable[tuple[np.ndarray, np.ndarray]]
+Data = tuple[np.ndarray, np.ndarray] | Batches
+
+
+def is_arrays(data: object) -> bool:
+    return (
+        isinstance(data, tuple) and len(data) == 2 and all(isinstance(a, np.ndarray) for a in data)
+    )
+
+
+def first_images(data: Data, *, name: str) -> np.ndarray:
+    """The images of the first batch, after checking that ``data`` is data xfer can use."""
+    if is_arrays(data):
+        return data[0]
+    if isinstance(data, Iterable) and not isinstance(data, (tuple, np.ndarray, str, bytes)):
+        if iter(data) is data:
+            raise TypeError(
+                f"{name}: got an iterator, which would be used up after one epoch. Pass a "
+                "list of (x, y) batches, or numpy arrays (x, y) for xfer to batch and shuffle."
+            )
+        for x, _ in data:
+            return np.asarray(x)
+        raise ValueError(f"{name}: the iterable of batches is empty.")
+    raise TypeError(
+        f"{name}: expected numpy arrays (x, y) or an iterable of (x, y) numpy batches, got "
+        f"{type(data).__name__}."
+    )
+
+
+def check(data: Data, *, name: str, num_classes: int, in_channels: int) -> None:
+    """Refuse, before any training, data whose shapes or labels do not fit the model.
+
+    Example:
+        >>> import numpy as np
+        >>> check((np.zeros((4, 8, 8, 3), "float32"), np.array([0, 1, 2, 3])),
+        ...       name="train", num_classes=4, in_channels=3)
+    """
+    first_images(data, name=name)
+    for x, y in [data] if is_arrays(data) else data:
+        x, y = np.asarray(x), np.asarray(y)
+        if x.ndim != 4 or x.shape[-1] != in_channels:
+            raise ValueError(
+                f"{name}: images must be (batch, height, width, {in_channels}) channels-last, "
+                f"got shape {x.shape}. Transpose NCHW data with x.transpose(0, 2, 3, 1)."
+            )
+        if not np.isfinite(x).all():
+            raise ValueError(
+                f"{name}: {int(np.size(x) - np.isfinite(x).sum())} image values are NaN or "
+                "infinite. Clean or drop those images (on the JAX backends a NaN can slip "
+                "through ReLU unseen and poison the BN statistics)."
+            )
+        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(
+                f"{name}: labels must be integers of shape ({len(x)},), got {y.dtype} {y.shape}."
+            )
+        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+            raise ValueError(
+                f"{name}: labels must lie in [0, {num_classes}) for this model's "
+                f"{num_classes} outputs, got values from {y.min()} to {y.max()}."
+            )
+
+
+def batches(
+    data: Data, batch_size: int, seed: tuple[int, ...]
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The batches of one epoch: numpy data shuffled by ``seed``, an iterable as it comes.
+
+    Example:
+        >>> import numpy as np
+        >>> x, y = np.zeros((5, 2, 2, 1), "float32"), np.arange(5)
+        >>> [len(b[1]) for b in batches((x, y), 2, seed=(0, 0, 0))]
+        [2, 2, 1]
+    """
+    if not is_arrays(data):
+        yield from data
+        return
+    x, y = data
+    order = np.random.default_rng(list(seed)).permutation(len(x))
+    for i in range(0, len(x), batch_size):
+        index = order[i : i + batch_size]
+        yield x[index], y[index]
+
+
+def arrays(data: Data) -> tuple[np.ndarray, np.ndarray]:
+    """All of ``data`` as two arrays (for evaluation)."""
+    if is_arrays(data):
+        return data
+    xs, ys = zip(*data, strict=True)
+    return np.concatenate(xs), np.concatenate(ys)

@@ -1,0 +1,364 @@
+"""The staged transfer pipeline: each stage sets the neutral state, trains, evaluates, and
+verifies that every tensor it froze is bit-identical afterwards.
+
+A stage is declarative: it says what trains (``train``), what BN does (``bn``) and how the
+units that do not train behave (``mode``); applying it first resets every unit, so a stage
+never depends on what the previous one left behind (and ``--resume`` can start anywhere).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from xfer import data as D
+from xfer import select as S
+from xfer._adapter import Adapter, Unit, find_adapter
+from xfer.policy import BNPolicy
+from xfer.state import _check_mode, changed_tensors, frozen_tensors, snapshot
+from xfer.weights import export_weights, import_weights
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+LOSSES = ("sparse_categorical_crossentropy",)
+METRICS = ("accuracy",)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or infinite loss; the weights were restored."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage: what trains, the BN policy, the mode of what does not train, how long.
+
+    Args:
+        name: shown in the history and the checkpoint.
+        train: the units whose parameters train; every other unit is frozen.
+        bn: BN policy for every BN unit (overrides ``train`` for gamma/beta); ``None``:
+            BN units that train get ``"train"``, the others ``"frozen"``.
+        mode: pin for the units that do not train (``"inference"`` in the Keras guide);
+            ``None`` leaves them to the framework.
+        lr, epochs, optimizer: ``optimizer`` ``None`` takes the pipeline's.
+        lr_groups: discriminative learning rates, ``((selector, lr), ...)``; a unit in
+            several groups takes the first.
+
+    Example:
+        >>> import xfer
+        >>> from xfer import select as S
+        >>> xfer.Stage("head", train=S.path("head.**"), bn="frozen", mode="inference", lr=1e-3)
+        Stage(name='head', ...)
+    """
+
+    name: str
+    train: S.Selector = dataclasses.field(default_factory=S.all)
+    bn: str | BNPolicy | None = None
+    mode: str | None = None
+    lr: float = 1e-3
+    epochs: int = 1
+    optimizer: str | None = None
+    lr_groups: tuple[tuple[S.Selector, float], ...] = ()
+
+    def __repr__(self) -> str:
+        return f"Stage(name={self.name!r}, ...)"
+
+    def validate(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Stage name must be a non-empty string, got {self.name!r}.")
+        S._check(self.train)
+        if self.bn is not None:
+            BNPolicy.of(self.bn)
+        if self.mode is not None:
+            _check_mode(self.mode)
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"Stage {self.name!r}: lr must be a positive number, got {self.lr!r}.")
+        if not (isinstance(self.epochs, int) and self.epochs >= 1):
+            raise ValueError(
+                f"Stage {self.name!r}: epochs must be an integer >= 1, got {self.epochs!r}."
+            )
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"Stage {self.name!r}: unknown optimizer {self.optimizer!r}; expected one of "
+                f"{', '.join(OPTIMIZERS)}."
+            )
+        for group in self.lr_groups:
+            if len(group) != 2 or not (isinstance(group[1], (int, float)) and group[1] > 0):
+                raise ValueError(
+                    f"Stage {self.name!r}: lr_groups entries are (selector, positive lr), got {group!r}."
+                )
+            S._check(group[0])
+
+
+@dataclasses.dataclass
+class EpochRecord:
+    epoch: int
+    loss: float
+    val_loss: float | None
+    val_accuracy: float | None
+    seconds: float
+
+
+@dataclasses.dataclass
+class StageRecord:
+    name: str
+    n_trainable: int
+    n_frozen: int
+    kept: int  # tensors that had to stay bit-identical
+    changed: list[str]  # those that did not (empty when xfer kept its promise)
+    epochs: list[EpochRecord] = dataclasses.field(default_factory=list)
+
+    @property
+    def loss(self) -> float:
+        return self.epochs[-1].loss
+
+    @property
+    def val_accuracy(self) -> float | None:
+        return self.epochs[-1].val_accuracy
+
+
+@dataclasses.dataclass
+class History:
+    """Per stage, per epoch: loss, validation loss and accuracy, counts, time; and the
+    verification of frozen tensors.
+
+    Example:
+        >>> history = pipe.fit((x, y), (val_x, val_y))      # doctest: +SKIP
+        >>> history.stages[0].changed                        # doctest: +SKIP
+        []
+    """
+
+    backend: str
+    stages: list[StageRecord] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Every tensor that had to stay bit-identical did."""
+        return all(not s.changed for s in self.stages)
+
+    def losses(self) -> list[float]:
+        """The training loss of every epoch, stage after stage."""
+        return [e.loss for s in self.stages for e in s.epochs]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        header = (
+            "stage",
+            "epochs",
+            "loss",
+            "val loss",
+            "val acc",
+            "trainable",
+            "frozen",
+            "frozen tensors",
+        )
+        rows = []
+        for s in self.stages:
+            last = s.epochs[-1]
+            kept = f"{s.kept - len(s.changed)}/{s.kept} bit-identical"
+            rows.append((
+                s.name,
+                str(len(s.epochs)),
+                f"{last.loss:.4f}",
+                "" if last.val_loss is None else f"{last.val_loss:.4f}",
+                "" if last.val_accuracy is None else f"{last.val_accuracy:.3f}",
+                f"{s.n_trainable:,}",
+                f"{s.n_frozen:,}",
+                kept + (f" CHANGED: {', '.join(s.changed[:3])}" if s.changed else ""),
+            ))  # fmt: skip
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            for r in [header, *rows]
+        ]
+        return "\n".join([f"{self.backend}", *lines])
+
+
+def apply_stage(model: Any, stage: Stage, adapter: Adapter | None = None) -> list[Unit]:
+    """Set the model's state for ``stage``; return the units that train.
+
+    Example:
+        >>> import xfer
+        >>> xfer.pipeline.apply_stage(model, xfer.Stage("head", train=S.path("head.**")))  # doctest: +SKIP
+    """
+    adapter = adapter or find_adapter(model)
+    units = adapter.units(model)
+    chosen = set(stage.train.paths(units))
+    if not any(u.path in chosen and u.n_params for u in units):
+        raise ValueError(
+            f"Stage {stage.name!r}: train={stage.train!r} selects no unit with parameters, so "
+            f"nothing would train. Some paths: {', '.join(u.path for u in units[:8])}."
+        )
+    policy = BNPolicy.of(stage.bn) if stage.bn is not None else None
+    for unit in units:
+        trains = unit.path in chosen
+        if unit.is_bn:
+            unit_policy = policy or BNPolicy.of("train" if trains else "frozen")
+            adapter.set_trainable(unit, unit_policy.trainable)
+            adapter.set_mode(unit, unit_policy.mode)
+            continue
+        if unit.n_params:
+            adapter.set_trainable(unit, trains)
+        adapter.set_mode(unit, stage.mode if (stage.mode and not trains) else "inherit")
+    return [u for u in units if u.path in chosen]
+
+
+def evaluate(adapter: Adapter, model: Any, data: D.Data) -> tuple[float, float]:
+    """Mean softmax cross-entropy and accuracy in inference mode, computed the same way
+    for every backend from the logits.
+
+    Example:
+        >>> from xfer.pipeline import evaluate
+        >>> loss, accuracy = evaluate(adapter, model, (x, y))   # doctest: +SKIP
+    """
+    x, y = D.arrays(data)
+    logits = adapter.predict(model, x).astype("float64")
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    loss = float(-log_probs[np.arange(len(y)), y].mean())
+    return loss, float((logits.argmax(axis=1) == y).mean())
+
+
+class TransferPipeline:
+    """Train a native model through stages, the same way on every backend.
+
+    Example:
+        >>> import xfer
+        >>> from xfer import select as S
+        >>> stages = [
+        ...     xfer.Stage("head", train=S.path("head.**"), bn="frozen", mode="inference", lr=1e-3, epochs=5),
+        ...     xfer.Stage("finetune", train=S.all(), bn="affine", lr=1e-5, epochs=3),
+        ... ]
+        >>> pipe = xfer.TransferPipeline(model, stages, optimizer="adam", seed=0)   # doctest: +SKIP
+        >>> history = pipe.fit((x, y), (val_x, val_y))                              # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        stages: Sequence[Stage],
+        *,
+        loss: str = "sparse_categorical_crossentropy",
+        optimizer: str = "adam",
+        metrics: Sequence[str] = ("accuracy",),
+        batch_size: int = 32,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        progress: Callable[[str], None] | None = None,
+    ):
+        self.adapter = find_adapter(model)
+        if not stages or not all(isinstance(s, Stage) for s in stages):
+            raise TypeError("TransferPipeline needs a non-empty list of xfer.Stage.")
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Stage names must be unique, got {names}.")
+        for stage in stages:
+            stage.validate()
+        if loss not in LOSSES:
+            raise ValueError(
+                f"Unknown loss {loss!r}: expected one of {LOSSES} (on logits, integer labels)."
+            )
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"Unknown optimizer {optimizer!r}: expected one of {', '.join(OPTIMIZERS)}."
+            )
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"Unknown metrics {unknown}: expected some of {METRICS}.")
+        if not (isinstance(batch_size, int) and batch_size >= 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        self.model, self.stages = model, list(stages)
+        self.optimizer, self.batch_size = optimizer, batch_size
+        self.weight_decay, self.seed, self.progress = weight_decay, seed, progress
+
+    def fit(self, train: D.Data, val: D.Data | None = None) -> History:
+        """Run every stage; return the :class:`History`.
+
+        Raises :class:`NonFiniteLoss` (weights restored to the start of the epoch) if the
+        loss becomes NaN or infinite.
+        """
+        num_classes, in_channels = self._model_shape(train)
+        D.check(train, name="train", num_classes=num_classes, in_channels=in_channels)
+        if val is not None:
+            D.check(val, name="val", num_classes=num_classes, in_channels=in_channels)
+        history = History(self.adapter.name)
+        for index, stage in enumerate(self.stages):
+            history.stages.append(self._run_stage(index, stage, train, val))
+        return history
+
+    def _model_shape(self, train: D.Data) -> tuple[int, int]:
+        """(number of classes, input channels), from one forward pass on one image."""
+        x = D.first_images(train, name="train")
+        if x.ndim != 4:
+            raise ValueError(
+                f"train: images must be (batch, height, width, channels), got shape {x.shape}."
+            )
+        try:
+            logits = self.adapter.predict(self.model, np.asarray(x[:1], "float32"))
+        except Exception as error:
+            raise ValueError(
+                f"train: the model does not accept images of shape {x.shape[1:]}; they must be "
+                f"channels-last (height, width, channels). The model said: {error}"
+            ) from error
+        return int(logits.shape[-1]), int(x.shape[-1])
+
+    def _run_stage(
+        self, index: int, stage: Stage, train: D.Data, val: D.Data | None
+    ) -> StageRecord:
+        adapter, model = self.adapter, self.model
+        apply_stage(model, stage, adapter)
+        units = adapter.units(model)
+        groups = [(sorted(sel.paths(units)), lr) for sel, lr in stage.lr_groups]
+        step = adapter.trainer(
+            model,
+            optimizer=stage.optimizer or self.optimizer,
+            lr=stage.lr,
+            weight_decay=self.weight_decay,
+            lr_groups=groups,
+        )
+        counts = [adapter.param_counts(u) for u in units]
+        keys = frozen_tensors(model)
+        before = snapshot(model)
+        record = StageRecord(
+            stage.name, sum(t for t, _ in counts), sum(f for _, f in counts), len(keys), []
+        )
+        for epoch in range(stage.epochs):
+            if self.progress is not None:
+                self.progress(f"{stage.name}: epoch {epoch + 1}/{stage.epochs}")
+            good = export_weights(model)
+            start, total, seen = time.perf_counter(), 0.0, 0
+            for i, (x, y) in enumerate(
+                D.batches(train, self.batch_size, (self.seed, index, epoch))
+            ):
+                loss = step(x, y)
+                if not math.isfinite(loss):
+                    import_weights(model, good)
+                    if not np.isfinite(np.asarray(x, "float64")).all():
+                        causes = "the batch itself contains NaN or infinite inputs: clean the data"
+                    else:
+                        causes = (
+                            f"a learning rate too high for this stage (lr={stage.lr}), or BN "
+                            f"statistics updating on small or shifted batches (bn={stage.bn!r}: "
+                            "try 'frozen' or 'affine')"
+                        )
+                    raise NonFiniteLoss(
+                        f"Stage {stage.name!r}, epoch {epoch + 1}, step {i + 1}: the loss is "
+                        f"{loss}. The weights from the start of the epoch are restored. "
+                        f"Likely cause: {causes}."
+                    )
+                total, seen = total + loss * len(y), seen + len(y)
+            val_loss = val_accuracy = None
+            if val is not None:
+                val_loss, val_accuracy = evaluate(adapter, model, val)
+            record.epochs.append(
+                EpochRecord(
+                    epoch + 1, total / seen, val_loss, val_accuracy, time.perf_counter() - start
+                )
+            )
+        record.changed = changed_tensors(before, snapshot(model), keys)
+        return record
