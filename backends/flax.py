@@ -44,7 +44,15 @@ from flax import nnx
 
 from xfer._adapter import Unit
 
-__all__ = ["ADAPTER", "FlaxAdapter", "Frozen", "SmallCNN"]
+__all__ = [
+    "ADAPTER",
+    "FlaxAdapter",
+    "Frozen",
+    "GlobalAvgPool",
+    "SmallCNN",
+    "TransferHead",
+    "TransferModel",
+]
 
 
 class Frozen(nnx.Variable):
@@ -345,6 +353,20 @@ class FlaxAdapter:
         self.units(model)  # records the definition order now, before any jit sees the model
         return model
 
+    def attach_head(self, base: nnx.Module, num_classes, *, dropout, input_shape, seed):
+        if input_shape is None:
+            raise ValueError(
+                "attach_head: a Flax base needs input_shape=(height, width, channels): an "
+                "nnx.Module does not record its output width, so xfer learns it from an "
+                "abstract forward pass. Pass the shape of one channels-last image, e.g. "
+                "input_shape=(224, 224, 3)."
+            )
+        features = _output_width(base, input_shape)
+        head = TransferHead(features, num_classes, dropout, rngs=nnx.Rngs(seed))
+        model = TransferModel(base, head)
+        self.units(model)  # records the definition order now, before any jit sees the model
+        return model
+
     def fit(self, model, x, y, *, epochs, batch_size, lr, weight_decay) -> list[float]:
         # The Flax docs loop, with no xfer code in it: an Optimizer over nnx.Param,
         # nnx.value_and_grad (default nnx.Param) and model.train() every epoch.
@@ -468,6 +490,69 @@ class SmallCNN(nnx.Module):
     ):
         self.base = _Base(in_channels, width, dropout, rngs)
         self.head = _Head(width, num_classes, dropout, rngs)
+
+    def __call__(self, x):
+        return self.head(self.base(x))
+
+
+def _output_width(base: nnx.Module, input_shape) -> int:
+    """The channels of ``base``'s output, from an abstract forward pass in eval mode.
+
+    The pass runs on a merged copy under ``jax.eval_shape``: no computation, and the base's
+    BN statistics, RNG streams and mode attributes stay as they are.
+    """
+    graphdef, state = nnx.split(base)
+
+    def forward(state, x):
+        module = nnx.merge(graphdef, state)
+        module.eval()
+        return module(x)
+
+    dummy = jax.ShapeDtypeStruct((2, *input_shape), jnp.float32)
+    try:
+        out = jax.eval_shape(forward, state, dummy)
+    except Exception as error:
+        reason = str(error).rstrip(".")
+        raise ValueError(
+            f"attach_head: the base failed on a batch of shape {dummy.shape} (NHWC, from "
+            f"input_shape={input_shape}): {reason}. input_shape must be one channels-last "
+            "image the base accepts, (height, width, channels)."
+        ) from error
+    if not isinstance(out, jax.ShapeDtypeStruct) or len(out.shape) < 2:
+        got = out.shape if isinstance(out, jax.ShapeDtypeStruct) else type(out).__name__
+        raise ValueError(
+            f"attach_head: the base must return one array, (batch, *spatial, channels) or "
+            f"(batch, features), got {got}. Wrap the base in a Module that returns the "
+            "feature map the head should pool."
+        )
+    return int(out.shape[-1])
+
+
+class GlobalAvgPool(nnx.Module):
+    """The mean over the spatial axes of an (N, *spatial, C) map; an (N, C) input passes."""
+
+    def __call__(self, x):
+        return x.mean(axis=tuple(range(1, x.ndim - 1))) if x.ndim > 2 else x
+
+
+class TransferHead(nnx.Module):
+    """The head of ``xfer.models.attach_head``: pool, dropout, dense."""
+
+    def __init__(self, features: int, num_classes: int, dropout: float, *, rngs: nnx.Rngs):
+        self.pool = GlobalAvgPool()
+        self.drop = nnx.Dropout(dropout, rngs=rngs)
+        self.dense = nnx.Linear(features, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dense(self.drop(self.pool(x)))
+
+
+class TransferModel(nnx.Module):
+    """``xfer.models.attach_head``'s model: any ``base`` then a :class:`TransferHead` (NHWC)."""
+
+    def __init__(self, base: nnx.Module, head: nnx.Module):
+        self.base = base
+        self.head = head
 
     def __call__(self, x):
         return self.head(self.base(x))

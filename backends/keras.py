@@ -155,6 +155,37 @@ class _Block(keras.layers.Layer):
         }
 
 
+# The head's pooling by the rank of the base's output: spatial axes averaged, (batch,
+# features) passed through.
+_POOLS = {
+    2: L.Identity,
+    3: L.GlobalAveragePooling1D,
+    4: L.GlobalAveragePooling2D,
+    5: L.GlobalAveragePooling3D,
+}
+
+
+def _input_shape(base) -> tuple:
+    """The image shape of a functional or Sequential base; an error for a subclassed one."""
+    try:
+        inputs = base.inputs
+    except (AttributeError, ValueError):
+        inputs = None
+    if not inputs:
+        raise ValueError(
+            f"attach_head: the base {base.name!r} ({type(base).__name__}) has no defined "
+            "input, so its output shape is unknown. Pass input_shape=(height, width, "
+            "channels), e.g. input_shape=(224, 224, 3), or build the base functionally "
+            "(keras.applications models are)."
+        )
+    if len(inputs) != 1:
+        raise ValueError(
+            f"attach_head: the base {base.name!r} has {len(inputs)} inputs; the transfer head "
+            "expects a base that takes one image batch."
+        )
+    return tuple(inputs[0].shape[1:])
+
+
 # Matched on every backend: Adam's epsilon is Keras's default, SGD momentum 0.9.
 _OPTIMIZERS = {
     "sgd": lambda lr, wd: keras.optimizers.SGD(lr),
@@ -225,6 +256,45 @@ class KerasAdapter:
         inputs = keras.Input((None, None, in_channels))
         # The transfer-learning guide's nested call, whose training=False fit() overrides.
         return keras.Model(inputs, head(base(inputs, training=False)), name="small_cnn")
+
+    def attach_head(self, base, num_classes, *, dropout, input_shape, seed):
+        shape = input_shape or _input_shape(base)
+        inputs = keras.Input(shape)
+        try:
+            # The guide's nested call; xfer's pins, not this training=False, decide the mode.
+            features = base(inputs, training=False)
+        except Exception as error:
+            reason = str(error).rstrip(".")
+            raise ValueError(
+                f"attach_head: the base does not accept images of shape {shape}: {reason}. "
+                "input_shape must be one channels-last image (height, width, channels)."
+            ) from error
+        rank = len(getattr(features, "shape", ()))
+        if rank not in _POOLS:
+            raise ValueError(
+                f"attach_head: the base must return one tensor, (batch, *spatial, channels) "
+                f"or (batch, features), got {getattr(features, 'shape', type(features))}. "
+                "Build the base with include_top=False (keras.applications) or wrap it in "
+                "a model that returns the feature map the head should pool."
+            )
+        head = keras.Sequential(
+            [
+                keras.Input(tuple(features.shape[1:])),
+                _POOLS[rank](name="pool"),
+                L.Dropout(dropout, seed=seed, name="drop"),
+                L.Dense(
+                    num_classes,
+                    kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
+                    name="dense",
+                ),
+            ],
+            name="head",
+        )
+        original = base.name
+        # A functional model knows its layers by name: the name gives the paths base.**,
+        # and the .keras config keeps it (an attribute would be lost on loading).
+        base.name = "base"
+        return keras.Model(inputs, head(features), name=f"{original}_with_head")
 
     def fit(self, model, x, y, *, epochs, batch_size, lr, weight_decay) -> list[float]:
         # Keras's own loop; compiling here also rebuilds the train step after xfer calls.

@@ -7,6 +7,8 @@ computes, so a pinned module keeps its mode under any ``train()``/``eval()`` cal
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from torch import nn
@@ -207,6 +209,25 @@ class TorchAdapter:
         torch.manual_seed(seed)
         return SmallCNN(num_classes, in_channels, width, dropout)
 
+    def attach_head(self, base: nn.Module, num_classes, *, dropout, input_shape, seed):
+        if input_shape is None:
+            raise ValueError(
+                "attach_head: a torch base needs input_shape=(height, width, channels): a "
+                "torch Module does not record its output width, so xfer learns it from one "
+                "dummy forward pass. Pass the shape of one channels-last image, e.g. "
+                "input_shape=(224, 224, 3)."
+            )
+        reference = next(itertools.chain(base.parameters(), base.buffers()), None)
+        features = _output_width(base, input_shape, reference)
+        # The head's initialisation follows `seed` without moving the global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            head = TransferHead(features, num_classes, dropout)
+        if reference is not None:
+            floating = reference.is_floating_point()
+            head.to(device=reference.device, dtype=reference.dtype if floating else None)
+        return TransferModel(base, head)
+
     def fit(self, model, x, y, *, epochs, batch_size, lr, weight_decay) -> list[float]:
         # The PyTorch tutorial loop, with no xfer code in it: AdamW over model.parameters()
         # and model.train() every epoch; the xfer state makes it do the right thing.
@@ -322,6 +343,79 @@ class SmallCNN(nn.Module):
         super().__init__()
         self.base = _Base(in_channels, width, dropout)
         self.head = _Head(width, num_classes, dropout)
+
+    def forward(self, x):
+        return self.head(self.base(x))
+
+
+def _output_width(base: nn.Module, input_shape, reference) -> int:
+    """The channels of ``base``'s output, from one forward pass in eval mode."""
+    height, width, channels = input_shape
+    device = reference.device if reference is not None else "cpu"
+    floating = reference is not None and reference.is_floating_point()
+    # Two images: a BN without running statistics cannot normalise a batch of one.
+    dummy = torch.zeros(
+        2, channels, height, width, device=device, dtype=reference.dtype if floating else None
+    )
+    flags = {module: module.training for module in base.modules()}
+    # Pins lifted for the pass: a BN pinned to "train" would learn from the dummy batch.
+    pins = {m: m.__dict__.pop("_xfer_mode") for m in flags if "_xfer_mode" in m.__dict__}
+    try:
+        base.eval()
+        with torch.no_grad():
+            out = base(dummy)
+    except Exception as error:
+        reason = str(error).rstrip(".")
+        raise ValueError(
+            f"attach_head: the base failed on a dummy batch of shape {tuple(dummy.shape)} "
+            f"(NCHW, from input_shape={input_shape}): {reason}. input_shape must be one "
+            "channels-last image the base accepts, (height, width, channels)."
+        ) from error
+    finally:
+        for module, training in flags.items():
+            module.training = training
+        for module, mode in pins.items():
+            module.__dict__["_xfer_mode"] = mode
+    if not isinstance(out, torch.Tensor) or out.dim() < 2:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"attach_head: the base must return one tensor, (batch, channels, *spatial) or "
+            f"(batch, features), got {got}. Wrap the base in a Module that returns the "
+            "feature map the head should pool."
+        )
+    return int(out.shape[1])
+
+
+class GlobalAvgPool(nn.Module):
+    """The mean over the spatial axes of an (N, C, *spatial) map; an (N, C) input passes."""
+
+    def forward(self, x):
+        return x.flatten(2).mean(2) if x.dim() > 2 else x
+
+
+class TransferHead(nn.Module):
+    """The head of ``xfer.models.attach_head``: pool, dropout, dense."""
+
+    def __init__(self, features: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.pool = GlobalAvgPool()
+        self.drop = nn.Dropout(dropout)
+        self.dense = nn.Linear(features, num_classes)
+
+    def forward(self, x):
+        return self.dense(self.drop(self.pool(x)))
+
+
+class TransferModel(nn.Module):
+    """``xfer.models.attach_head``'s model: any ``base`` then a :class:`TransferHead`.
+
+    ``forward`` takes NCHW tensors, like the base.
+    """
+
+    def __init__(self, base: nn.Module, head: nn.Module):
+        super().__init__()
+        self.base = base
+        self.head = head
 
     def forward(self, x):
         return self.head(self.base(x))

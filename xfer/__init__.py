@@ -11,11 +11,13 @@ Example:
     >>> xfer.summary(model)                                 # doctest: +SKIP
 """
 
-from xfer import models, pipeline, select
+from xfer import checkpoint, models, pipeline, presets, select
 from xfer._adapter import Adapter, Unit
 from xfer._config import backend_context, get_backend, set_backend
 from xfer.audit import Finding, audit
-from xfer.pipeline import History, NonFiniteLoss, Stage, TransferPipeline
+from xfer.checkpoint import CheckpointError
+from xfer.models import attach_head
+from xfer.pipeline import History, Interrupted, NonFiniteLoss, Stage, TransferPipeline
 from xfer.policy import PRESETS as BN_PRESETS
 from xfer.policy import BNPolicy
 from xfer.state import (
@@ -36,6 +38,11 @@ from xfer.weights import export_weights, import_weights, load_weights, save_weig
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
+    "Interrupted",
+    "attach_head",
+    "checkpoint",
+    "presets",
     "History",
     "NonFiniteLoss",
     "Stage",

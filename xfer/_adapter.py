@@ -71,6 +71,25 @@ class Adapter(Protocol):
     ) -> Any:
         """The reference model of ``xfer.models.small_cnn`` in this framework."""
 
+    def attach_head(
+        self,
+        base: Any,
+        num_classes: int,
+        *,
+        dropout: float,
+        input_shape: tuple[int, int, int] | None,
+        seed: int,
+    ) -> Any:
+        """A new model of ``xfer.models.attach_head``: units ``base.**`` (``base`` itself,
+        weights shared) and ``head`` (``head.pool`` global average pooling over the spatial
+        axes, ``head.drop``, ``head.dense`` with ``num_classes`` outputs).
+
+        Called with validated arguments; ``input_shape`` is channels-last or ``None``. Where
+        the base's output width needs a forward pass and ``input_shape`` is ``None``, a
+        ``ValueError`` that asks for it. The base's weights, BN statistics and mode flags
+        are as they were afterwards.
+        """
+
     def fit(
         self,
         model: Any,

@@ -82,6 +82,106 @@ def cmd_semantics(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _backends(args: argparse.Namespace) -> list[str]:
+    return args.backend or [b for b in _config.BACKENDS if not _config.missing(b)]
+
+
+def _label(backend: str) -> str:
+    return f"keras-{_keras_engine()}" if backend == "keras" else backend
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The main job: pretrain on digits 0-4, transfer to shifted digits 5-9 with a preset."""
+    import dataclasses
+
+    from xfer import run
+
+    backend = args.backend or _config.get_backend()
+    _config.require(backend)
+    from xfer.checkpoint import CheckpointError
+    from xfer.pipeline import Interrupted, NonFiniteLoss
+
+    if args.resume and not args.checkpoint:
+        print(
+            "xfer run: --resume needs --checkpoint DIR (the directory of the interrupted run).",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        result = run.run(
+            backend,
+            preset=args.preset,
+            bn=args.bn,
+            seed=args.seed,
+            progress=_progress(args),
+            quick=args.quick,
+            checkpoint_dir=args.checkpoint,
+            resume=args.resume,
+        )
+    except Interrupted as stop:
+        print(f"\n{stop}", file=sys.stderr)  # it says what is saved and how to resume
+        return 130
+    except (NonFiniteLoss, CheckpointError) as error:
+        print(f"xfer run: {error}", file=sys.stderr)
+        return 1
+    if args.format == "json":
+        report = dataclasses.asdict(result)
+        report["backend"] = _label(backend)
+        print(json.dumps(report))
+    else:
+        origin = "loaded from the cache" if result.pretrained_cached else "pretrained now"
+        print(
+            f"xfer run: {_label(backend)} {_version(backend)}, preset {args.preset}, BN policy {args.bn or 'of the preset'}"
+        )
+        print(
+            f"source model (digits 0-4, {origin}): validation accuracy {result.source_accuracy:.3f}"
+        )
+        print(
+            "target: digits 5-9, ink inverted and contrast changed, 20 labelled images per class\n"
+        )
+        print(result.history)
+    return 0 if result.history.ok else 1
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """The same run on every installed backend, from the same weights and batches."""
+    from xfer import report, run
+
+    backends = _backends(args)
+    for backend in backends:
+        _config.require(backend)
+    weights, _ = run.pretrained(backends[0], args.seed, _progress(args), args.quick)
+    start = run.start_weights(backends[0], weights, args.seed)
+    histories = {}
+    for backend in backends:
+        history, _ = run.transfer(
+            backend,
+            start,
+            preset=args.preset,
+            bn=args.bn,
+            seed=args.seed,
+            progress=_progress(args),
+            quick=args.quick,
+        )
+        histories[_label(backend)] = history
+    written = report.write_compare_report(
+        histories, args.out, f"xfer compare: preset {args.preset}, BN {args.bn or 'of the preset'}"
+    )
+    if args.format == "json":
+        print(json.dumps({
+            "histories": {b: h.to_dict() for b, h in histories.items()},
+            "divergence": report.divergence(histories),
+            "report": [str(p) for p in written],
+        }))  # fmt: skip
+    else:
+        print(report.table(report.COMPARE_HEADER, report.compare_rows(histories)))
+        print(
+            f"\nlargest difference between backends' training losses: {report.divergence(histories):.2e}"
+        )
+        print(f"report: {', '.join(str(p) for p in written)}")
+    return 0 if all(h.ok for h in histories.values()) else 1
+
+
 def _progress(args: argparse.Namespace):
     """A one-line progress printer on stderr, when a person is watching."""
     if args.quiet or args.format != "text" or not sys.stderr.isatty():
@@ -122,6 +222,46 @@ def build_parser() -> argparse.ArgumentParser:
     semantics.add_argument("--format", choices=("text", "json", "markdown"), default="text")
     semantics.add_argument("--quiet", action="store_true", help="no progress lines")
     semantics.set_defaults(run=cmd_semantics)
+    from xfer.policy import PRESETS as BN_PRESETS
+    from xfer.presets import PRESETS
+
+    for name, handler in (("run", cmd_run), ("compare", cmd_compare)):
+        sub = commands.add_parser(name, help=handler.__doc__)
+        if name == "run":
+            sub.add_argument(
+                "--checkpoint", metavar="DIR", help="save a checkpoint after each stage here"
+            )
+            sub.add_argument(
+                "--resume", action="store_true", help="continue the run saved in --checkpoint DIR"
+            )
+            sub.add_argument(
+                "--backend",
+                choices=_config.BACKENDS,
+                help="default: XFER_BACKEND or the first installed",
+            )
+        else:
+            sub.add_argument(
+                "--backend",
+                action="append",
+                choices=_config.BACKENDS,
+                help="repeatable; default: every installed backend",
+            )
+            sub.add_argument(
+                "--out", default="xfer-report", help="directory for report.md and loss_curves.png"
+            )
+        sub.add_argument("--preset", choices=tuple(PRESETS), default="keras_guide")
+        sub.add_argument(
+            "--bn",
+            choices=tuple(BN_PRESETS),
+            help="BN policy for every stage (default: the preset's)",
+        )
+        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--format", choices=("text", "json"), default="text")
+        sub.add_argument("--quiet", action="store_true", help="no progress lines")
+        sub.add_argument(
+            "--quick", action="store_true", help="a smoke run: at most 2 epochs a stage"
+        )
+        sub.set_defaults(run=handler)
     return parser
 
 

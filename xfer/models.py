@@ -1,10 +1,11 @@
-"""Reference models, defined the same way on every backend (same unit paths)."""
+"""Reference models, defined the same way on every backend (same unit paths), and the
+transfer head that turns any backbone into a model with those paths (``attach_head``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from xfer._adapter import load_adapter
+from xfer._adapter import find_adapter, load_adapter
 from xfer._config import get_backend
 
 
@@ -37,3 +38,82 @@ def small_cnn(
         raise ValueError(f"small_cnn: dropout must be in [0, 1), got {dropout!r}.")
     adapter = load_adapter(backend or get_backend())
     return adapter.small_cnn(num_classes, in_channels, width=width, dropout=dropout, seed=seed)
+
+
+def attach_head(
+    base: Any,
+    num_classes: int,
+    *,
+    dropout: float = 0.2,
+    input_shape: tuple[int, int, int] | None = None,
+    seed: int = 0,
+) -> Any:
+    """A new model: ``base`` followed by the usual transfer head (global average pooling,
+    dropout, dense), in ``base``'s own framework.
+
+    The model's units are ``base.**`` (``base`` itself, not a copy: its weights are shared)
+    and ``head`` with ``head.pool``, ``head.drop`` and ``head.dense``, so the stages and
+    selectors written for ``small_cnn`` work on any backbone. ``head.pool`` averages over
+    the spatial axes of a feature map and passes a ``(batch, features)`` output through.
+
+    - Keras: a functional model ``inputs -> base(inputs, training=False) -> head`` as in
+      the Keras transfer-learning guide, the head a ``Sequential`` named ``"head"``. The
+      base layer is renamed ``"base"``: a functional model knows its layers by name, and
+      the name is what keeps the paths ``base.**`` through a ``.keras`` round trip.
+    - PyTorch: an ``nn.Module`` with ``base`` and ``head`` attributes whose ``forward``
+      takes NCHW tensors like any torch model (xfer's own training and prediction convert
+      channels-last numpy to NCHW); the head takes the base's NCHW feature map.
+    - Flax NNX: an ``nnx.Module`` with ``base`` and ``head`` attributes, on NHWC arrays.
+
+    Args:
+        base: the backbone: a ``keras.Model``/layer, a ``torch.nn.Module`` or an
+            ``nnx.Module``, e.g. ``keras.applications.MobileNetV2(include_top=False)``.
+        num_classes: outputs of the dense layer (logits), an integer >= 2.
+        dropout: the head's dropout rate, in [0, 1).
+        input_shape: one image, channels-last ``(height, width, channels)``. PyTorch and
+            Flax need it to learn the base's output width from one dummy forward pass in
+            inference mode (BN statistics and mode flags are left as they were); Keras takes
+            it from a functional base's input and needs it only for a subclassed base.
+        seed: initialises the dense layer (and seeds the head's dropout in Keras and Flax).
+
+    Returns:
+        The new native model; train it with the framework's own loop or
+        ``xfer.TransferPipeline``.
+
+    Example:
+        >>> import keras, xfer
+        >>> from xfer import select as S
+        >>> base = keras.applications.MobileNetV2(
+        ...     weights="imagenet", include_top=False, input_shape=(160, 160, 3)
+        ... )  # doctest: +SKIP
+        >>> model = xfer.models.attach_head(base, 10)            # doctest: +SKIP
+        >>> xfer.freeze(model, S.path("base.**"))                # doctest: +SKIP
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(
+            f"attach_head: num_classes must be an integer >= 2 (the number of output "
+            f"classes), got {num_classes!r}."
+        )
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise ValueError(f"attach_head: dropout must be a number in [0, 1), got {dropout!r}.")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"attach_head: dropout must be in [0, 1), got {dropout!r}.")
+    if input_shape is not None:
+        shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
+        if (
+            shape is None
+            or len(shape) != 3
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+        ):
+            raise ValueError(
+                "attach_head: input_shape must be one channels-last image shape "
+                f"(height, width, channels) of positive integers, got {input_shape!r}; "
+                "e.g. input_shape=(224, 224, 3), without the batch dimension."
+            )
+        input_shape = shape
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"attach_head: seed must be an integer, got {seed!r}.")
+    adapter = find_adapter(base)
+    return adapter.attach_head(
+        base, num_classes, dropout=float(dropout), input_shape=input_shape, seed=seed
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 from xfer import data as D
 from xfer import select as S
 from xfer._adapter import Adapter, Unit, find_adapter
+from xfer.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from xfer.policy import BNPolicy
 from xfer.state import _check_mode, changed_tensors, frozen_tensors, snapshot
 from xfer.weights import export_weights, import_weights
@@ -30,6 +32,23 @@ METRICS = ("accuracy",)
 
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss; the weights were restored."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a pipeline with a checkpoint directory: the finished stages are saved.
+
+    Attributes:
+        checkpoint_dir: where they are saved.
+        stage: the stage that was interrupted (its partial training is not saved).
+        next_stage: the stage a resumed run starts with (``None``: every stage is saved).
+
+    The model in memory keeps the interrupted stage's partial training; the checkpoint
+    does not.
+    """
+
+    def __init__(self, message: str, *, checkpoint_dir: str, stage: str, next_stage: str | None):
+        super().__init__(message)
+        self.checkpoint_dir, self.stage, self.next_stage = checkpoint_dir, stage, next_stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +165,20 @@ class History:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> History:
+        """The inverse of :meth:`to_dict` (a checkpoint stores the history that way).
+
+        Example:
+            >>> History.from_dict(history.to_dict()) == history   # doctest: +SKIP
+            True
+        """
+        stages = [
+            StageRecord(**{**s, "epochs": [EpochRecord(**e) for e in s["epochs"]]})
+            for s in data["stages"]
+        ]
+        return cls(data["backend"], stages)
+
     def __str__(self) -> str:
         header = (
             "stage",
@@ -227,6 +260,10 @@ def evaluate(adapter: Adapter, model: Any, data: D.Data) -> tuple[float, float]:
 class TransferPipeline:
     """Train a native model through stages, the same way on every backend.
 
+    With ``checkpoint_dir``, the weights, xfer state and history are saved (atomically)
+    after each finished stage, and ``fit(..., resume=True)`` continues from there; see
+    :mod:`xfer.checkpoint`.
+
     Example:
         >>> import xfer
         >>> from xfer import select as S
@@ -250,6 +287,7 @@ class TransferPipeline:
         weight_decay: float = 0.0,
         seed: int = 0,
         progress: Callable[[str], None] | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
     ):
         self.adapter = find_adapter(model)
         if not stages or not all(isinstance(s, Stage) for s in stages):
@@ -275,21 +313,128 @@ class TransferPipeline:
         self.model, self.stages = model, list(stages)
         self.optimizer, self.batch_size = optimizer, batch_size
         self.weight_decay, self.seed, self.progress = weight_decay, seed, progress
+        self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
 
-    def fit(self, train: D.Data, val: D.Data | None = None) -> History:
+    def fit(self, train: D.Data, val: D.Data | None = None, *, resume: bool = False) -> History:
         """Run every stage; return the :class:`History`.
 
-        Raises :class:`NonFiniteLoss` (weights restored to the start of the epoch) if the
-        loss becomes NaN or infinite.
+        With ``checkpoint_dir``, a checkpoint is written after each finished stage, and
+        ``resume=True`` continues from the first unfinished one (from the start if the
+        directory holds no checkpoint). The data order is seeded per stage and epoch, so an
+        interrupted and resumed run ends with the same weights as an uninterrupted one.
+
+        Raises:
+            NonFiniteLoss: the loss became NaN or infinite (weights restored to the start of
+                the epoch; the checkpoint of the stages finished before is left as it was).
+            Interrupted: Ctrl-C with a ``checkpoint_dir``; the message says how to resume.
+            CheckpointError: ``resume=True`` and the checkpoint is another pipeline's or
+                another model's (the model is unchanged); or ``resume=False`` and the
+                directory already holds a checkpoint that starting over would overwrite.
+
+        Example:
+            >>> pipe = xfer.TransferPipeline(model, stages, checkpoint_dir="ckpt")  # doctest: +SKIP
+            >>> pipe.fit(train, val)                 # Ctrl-C in stage 2 ...       # doctest: +SKIP
+            >>> pipe.fit(train, val, resume=True)    # ... goes on with stage 2    # doctest: +SKIP
         """
+        if resume and self.checkpoint_dir is None:
+            raise ValueError(
+                "fit(resume=True) needs a checkpoint directory to resume from: pass "
+                "TransferPipeline(..., checkpoint_dir=...)."
+            )
         num_classes, in_channels = self._model_shape(train)
         D.check(train, name="train", num_classes=num_classes, in_channels=in_channels)
         if val is not None:
             D.check(val, name="val", num_classes=num_classes, in_channels=in_channels)
-        history = History(self.adapter.name)
-        for index, stage in enumerate(self.stages):
-            history.stages.append(self._run_stage(index, stage, train, val))
+        history, start = self._start(resume)
+        index, saving = start, False
+        try:
+            for index in range(start, len(self.stages)):
+                history.stages.append(self._run_stage(index, self.stages[index], train, val))
+                if self.checkpoint_dir is not None:
+                    saving = True
+                    self._save(index, history)
+                    saving = False
+        except KeyboardInterrupt as interrupt:
+            if self.checkpoint_dir is None or isinstance(interrupt, Interrupted):
+                raise
+            raise self._interrupted(index, saving) from interrupt
+        except NonFiniteLoss as error:
+            if self.checkpoint_dir is not None:
+                error.args = (f"{error.args[0]} {self._saved_so_far()}",)
+            raise
         return history
+
+    def _start(self, resume: bool) -> tuple[History, int]:
+        """The history to extend and the first stage to run, from the checkpoint if resuming."""
+        history = History(self.adapter.name)
+        if self.checkpoint_dir is None:
+            return history, 0
+        checkpoint = read_checkpoint(self.checkpoint_dir)
+        if checkpoint is None:
+            return history, 0
+        if not resume:
+            # Starting over would replace finished work the moment the first stage ends.
+            raise CheckpointError(
+                f"{self.checkpoint_dir!r} already holds a checkpoint (stages "
+                f"{checkpoint.stage_names}, finished up to {checkpoint.stage_names[checkpoint.finished]!r}). "
+                "Continue it with fit(..., resume=True) (xfer run --resume), or start over "
+                "in a different checkpoint directory, or delete this one."
+            )
+        checkpoint.check([s.name for s in self.stages], seed=self.seed, batch_size=self.batch_size)
+        checkpoint.restore(self.model)
+        restored = History.from_dict(checkpoint.history)
+        return History(self.adapter.name, restored.stages), checkpoint.finished + 1
+
+    def _save(self, index: int, history: History) -> None:
+        write_checkpoint(
+            self.checkpoint_dir,
+            self.model,
+            stage_names=[s.name for s in self.stages],
+            finished=index,
+            history=history.to_dict(),
+            seed=self.seed,
+            batch_size=self.batch_size,
+        )
+
+    def _saved_so_far(self) -> str:
+        checkpoint = read_checkpoint(self.checkpoint_dir)
+        if checkpoint is None:
+            return (
+                f"No stage had finished, so {self.checkpoint_dir!r} holds no checkpoint yet; "
+                f"fit(..., resume=True) (xfer run --resume) starts with stage "
+                f"{self.stages[0].name!r}."
+            )
+        last = checkpoint.stage_names[checkpoint.finished]
+        if checkpoint.next_stage is None:
+            return (
+                f"Every stage had finished and is saved in {self.checkpoint_dir!r}; "
+                "fit(..., resume=True) (xfer run --resume) just loads the result."
+            )
+        return (
+            f"The checkpoint in {self.checkpoint_dir!r} holds the stages up to {last!r}; "
+            f"fit(..., resume=True) (xfer run --resume) goes on with stage "
+            f"{checkpoint.next_stage!r}."
+        )
+
+    def _interrupted(self, index: int, saving: bool) -> Interrupted:
+        # What is on disk says what is saved: an interrupt while a checkpoint was being
+        # written may have come before or after its manifest was replaced.
+        checkpoint = read_checkpoint(self.checkpoint_dir)
+        next_index = 0 if checkpoint is None else checkpoint.finished + 1
+        next_stage = self.stages[next_index].name if next_index < len(self.stages) else None
+        stage = self.stages[index].name
+        where = (
+            f"while saving the checkpoint of stage {stage!r}"
+            if saving
+            else f"during stage {stage!r} ({index + 1} of {len(self.stages)}); its partial "
+            "training is not saved"
+        )
+        return Interrupted(
+            f"Interrupted {where}. {self._saved_so_far()}",
+            checkpoint_dir=self.checkpoint_dir,
+            stage=stage,
+            next_stage=next_stage,
+        )
 
     def _model_shape(self, train: D.Data) -> tuple[int, int]:
         """(number of classes, input channels), from one forward pass on one image."""
@@ -341,11 +486,12 @@ class TransferPipeline:
                     if not np.isfinite(np.asarray(x, "float64")).all():
                         causes = "the batch itself contains NaN or infinite inputs: clean the data"
                     else:
-                        causes = (
-                            f"a learning rate too high for this stage (lr={stage.lr}), or BN "
-                            f"statistics updating on small or shifted batches (bn={stage.bn!r}: "
-                            "try 'frozen' or 'affine')"
-                        )
+                        causes = f"a learning rate too high for this stage (lr={stage.lr})"
+                        if BNPolicy.of(stage.bn or "train").stats == "update":
+                            causes += (
+                                ", or BN statistics updating on small or shifted batches "
+                                f"(bn={stage.bn!r}: try 'frozen' or 'affine')"
+                            )
                     raise NonFiniteLoss(
                         f"Stage {stage.name!r}, epoch {epoch + 1}, step {i + 1}: the loss is "
                         f"{loss}. The weights from the start of the epoch are restored. "

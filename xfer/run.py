@@ -1,0 +1,174 @@
+"""The main job: pretrain on the source digits, transfer to the shifted target digits.
+
+The pretrained weights are cached as *neutral* weights, so every backend transfers from
+the very same pretrained model (that is what makes ``xfer compare`` a comparison).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from xfer import datasets, models, presets
+from xfer import select as S
+from xfer._adapter import load_adapter
+from xfer.pipeline import History, Stage, TransferPipeline, evaluate
+from xfer.weights import export_weights, import_weights, load_weights, save_weights
+
+WIDTH = 16
+TASK_VERSION = 2  # bump when the task or the pretraining recipe changes
+
+
+def cache_dir() -> Path:
+    """Where pretrained weights are kept: ``$XFER_CACHE`` or ``~/.cache/xfer``."""
+    return Path(os.environ.get("XFER_CACHE") or Path.home() / ".cache" / "xfer")
+
+
+def _model(backend: str, seed: int) -> Any:
+    return models.small_cnn(
+        datasets.TransferTask.num_classes, 1, width=WIDTH, dropout=0.2, seed=seed, backend=backend
+    )
+
+
+def pretrained(
+    backend: str,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+    quick: bool = False,
+) -> tuple[dict, bool]:
+    """Neutral weights of the source model, and whether they came from the cache.
+
+    Example:
+        >>> weights, cached = pretrained("torch")            # doctest: +SKIP
+    """
+    name = f"digits-source-v{TASK_VERSION}-w{WIDTH}-seed{seed}{'-quick' if quick else ''}"
+    path = cache_dir() / f"{name}.safetensors"
+    model = _model(backend, seed)
+    if path.exists():
+        load_weights(model, path)
+        return export_weights(model), True
+    task = datasets.transfer_task(seed=seed)
+    stage = Stage("pretrain", train=S.all(), bn="train", lr=3e-3, epochs=1 if quick else 8)
+    TransferPipeline(model, [stage], optimizer="adam", seed=seed, progress=progress).fit(
+        task.source_train
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(model, path)
+    return export_weights(model), False
+
+
+def stages_for(preset: str, model: Any, bn: str | None, quick: bool = False) -> list[Stage]:
+    """The preset's stages for the embedded task, with ``bn`` (if given) in every stage;
+    ``quick``: at most two epochs per stage (a smoke run)."""
+    tuned = {
+        "keras_guide": dict(lr=0.05, epochs=20, finetune_lr=0.002, finetune_epochs=20),
+        "fine_tune": dict(lr=0.05, freeze_epochs=10, epochs=20),
+        "gradual": dict(lr=0.01, epochs_per_stage=15),
+        "discriminative": dict(lr=0.01, epochs=30),
+    }
+    stages = presets.preset(preset, model, **tuned.get(preset, {}))
+    changes = {"bn": bn} if bn else {}
+    return [
+        dataclasses.replace(s, **changes, **({"epochs": min(s.epochs, 2)} if quick else {}))
+        for s in stages
+    ]
+
+
+@dataclasses.dataclass
+class RunResult:
+    backend: str
+    preset: str
+    bn: str | None
+    pretrained_cached: bool
+    source_accuracy: float  # the pretrained model on its own (source) validation data
+    history: History
+
+
+def start_weights(backend: str, pretrained_weights: dict, seed: int = 0) -> dict:
+    """The transfer's starting point as neutral weights: the pretrained base and a freshly
+    initialised head (the target classes are new), built once so that every backend starts
+    from the same numbers.
+
+    Example:
+        >>> start = start_weights("torch", weights)          # doctest: +SKIP
+    """
+    start = export_weights(_model(backend, seed + 1))
+    start.update({k: v for k, v in pretrained_weights.items() if k.startswith("base.")})
+    return start
+
+
+def transfer(
+    backend: str,
+    start: dict,
+    *,
+    preset: str = "keras_guide",
+    bn: str | None = None,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+    quick: bool = False,
+    checkpoint_dir: str | None = None,
+    resume: bool = False,
+) -> tuple[History, Any]:
+    """Train from the neutral ``start`` weights (see :func:`start_weights`) on the target
+    task with the preset's stages on ``backend``. Returns the history and the model.
+
+    Example:
+        >>> history, model = transfer("torch", start, bn="adapt")   # doctest: +SKIP
+    """
+    task = datasets.transfer_task(seed=seed)
+    model = _model(backend, seed)
+    import_weights(model, start)
+    stages = stages_for(preset, model, bn, quick)
+    # SGD with momentum: the frameworks' Adam differ in where epsilon goes (Keras adds it
+    # before the bias correction), which fifty epochs turn into visibly different curves.
+    pipe = TransferPipeline(
+        model,
+        stages,
+        optimizer="momentum",
+        batch_size=16,
+        seed=seed,
+        progress=progress,
+        checkpoint_dir=checkpoint_dir,
+    )
+    return pipe.fit(task.target_train, task.target_val, resume=resume), model
+
+
+def run(
+    backend: str,
+    *,
+    preset: str = "keras_guide",
+    bn: str | None = None,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+    quick: bool = False,
+    checkpoint_dir: str | None = None,
+    resume: bool = False,
+) -> RunResult:
+    """Pretrain (or load the cached source model), then transfer. The main job.
+
+    Example:
+        >>> result = run("torch", bn="adapt")                 # doctest: +SKIP
+        >>> print(result.history)                             # doctest: +SKIP
+    """
+    weights, cached = pretrained(backend, seed, progress, quick)
+    source_model = _model(backend, seed)
+    import_weights(source_model, weights)
+    _, source_accuracy = evaluate(
+        load_adapter(backend), source_model, datasets.transfer_task(seed=seed).source_val
+    )
+    start = start_weights(backend, weights, seed)
+    history, _ = transfer(
+        backend,
+        start,
+        preset=preset,
+        bn=bn,
+        seed=seed,
+        progress=progress,
+        quick=quick,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+    )
+    return RunResult(backend, preset, bn, cached, source_accuracy, history)
