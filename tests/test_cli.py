@@ -23,3 +23,22 @@ def test_demo_keeps_every_promised_tensor_and_learns(kit, capsys):
     assert finetune["kept"] == 4 and finetune["changed"] == []  # BN "affine": statistics only
     assert head["n_frozen"] == 840 and finetune["n_frozen"] == 0
     assert finetune["accuracy"] > 0.5  # four classes: chance is 0.25
+
+
+def test_progress_draws_a_bar_per_stage_and_lines_for_the_rest(monkeypatch):
+    import io
+    import sys
+
+    from xfer.cli import _Progress
+    from xfer.pipeline import EpochProgress
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    progress = _Progress()
+    for epoch in (1, 2, 3):
+        progress(EpochProgress("head", epoch, 3))
+    progress("probing torch")
+    progress.close()
+    text = err.getvalue()
+    assert "head:" in text and "2/3" in text and "epoch" in text
+    assert "  ... probing torch" in text

@@ -107,13 +107,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    progress = _progress(args)
     try:
         result = run.run(
             backend,
             preset=args.preset,
             bn=args.bn,
             seed=args.seed,
-            progress=_progress(args),
+            progress=progress,
             quick=args.quick,
             checkpoint_dir=args.checkpoint,
             resume=args.resume,
@@ -124,6 +125,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (NonFiniteLoss, CheckpointError) as error:
         print(f"xfer run: {error}", file=sys.stderr)
         return 1
+    finally:
+        if progress is not None:
+            progress.close()
     if args.format == "json":
         report = dataclasses.asdict(result)
         report["backend"] = _label(backend)
@@ -150,7 +154,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     backends = _backends(args)
     for backend in backends:
         _config.require(backend)
-    weights, _ = run.pretrained(backends[0], args.seed, _progress(args), args.quick)
+    progress = _progress(args)
+    weights, _ = run.pretrained(backends[0], args.seed, progress, args.quick)
     start = run.start_weights(backends[0], weights, args.seed)
     histories = {}
     for backend in backends:
@@ -160,10 +165,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
             preset=args.preset,
             bn=args.bn,
             seed=args.seed,
-            progress=_progress(args),
+            progress=progress,
             quick=args.quick,
         )
         histories[_label(backend)] = history
+    if "keras" in backends:
+        # Keras reads KERAS_BACKEND once per process: its other engine runs in a subprocess.
+        other = "torch" if _keras_engine() == "jax" else "jax"
+        if _config.is_installed(other):
+            if progress is not None:
+                progress(f"keras-{other} (in a subprocess: one Keras engine per process)")
+            histories[f"keras-{other}"] = run.transfer_on_other_keras_engine(
+                other, start, preset=args.preset, bn=args.bn, seed=args.seed, quick=args.quick
+            )
+    if progress is not None:
+        progress.close()
     written = report.write_compare_report(
         histories, args.out, f"xfer compare: preset {args.preset}, BN {args.bn or 'of the preset'}"
     )
@@ -182,11 +198,40 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0 if all(h.ok for h in histories.values()) else 1
 
 
-def _progress(args: argparse.Namespace):
-    """A one-line progress printer on stderr, when a person is watching."""
+class _Progress:
+    """Progress on stderr while a person is watching: a bar per pipeline stage (tqdm), a
+    line for anything else. Silent with --quiet, --format json, or when not a terminal."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, message: str) -> None:
+        from tqdm import tqdm
+
+        from xfer.pipeline import EpochProgress
+
+        if not isinstance(message, EpochProgress):
+            self.close()
+            print(f"  ... {message}", file=sys.stderr, flush=True)
+            return
+        if self.bar is None or self.bar.desc != message.stage:
+            self.close()
+            self.bar = tqdm(
+                total=message.epochs, desc=message.stage, unit="epoch", file=sys.stderr, leave=False
+            )
+        self.bar.n = message.epoch - 1
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _progress(args: argparse.Namespace) -> _Progress | None:
     if args.quiet or args.format != "text" or not sys.stderr.isatty():
         return None
-    return lambda message: print(f"  ... {message}", file=sys.stderr, flush=True)
+    return _Progress()
 
 
 def _keras_engine() -> str:

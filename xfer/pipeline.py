@@ -51,6 +51,22 @@ class Interrupted(KeyboardInterrupt):
         self.checkpoint_dir, self.stage, self.next_stage = checkpoint_dir, stage, next_stage
 
 
+class EpochProgress(str):
+    """What the pipeline tells its ``progress`` callback as an epoch starts: a line of text
+    (``"head: epoch 3/20"``) that also carries ``stage``, ``epoch`` and ``epochs`` for bars.
+
+    Example:
+        >>> event = EpochProgress("head", 3, 20)
+        >>> event, event.epochs
+        ('head: epoch 3/20', 20)
+    """
+
+    def __new__(cls, stage: str, epoch: int, epochs: int) -> EpochProgress:
+        event = super().__new__(cls, f"{stage}: epoch {epoch}/{epochs}")
+        event.stage, event.epoch, event.epochs = stage, epoch, epochs
+        return event
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """One stage: what trains, the BN policy, the mode of what does not train, how long.
@@ -474,7 +490,7 @@ class TransferPipeline:
         )
         for epoch in range(stage.epochs):
             if self.progress is not None:
-                self.progress(f"{stage.name}: epoch {epoch + 1}/{stage.epochs}")
+                self.progress(EpochProgress(stage.name, epoch + 1, stage.epochs))
             good = export_weights(model)
             start, total, seen = time.perf_counter(), 0.0, 0
             for i, (x, y) in enumerate(

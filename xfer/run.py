@@ -7,7 +7,11 @@ the very same pretrained model (that is what makes ``xfer compare`` a comparison
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -136,6 +140,41 @@ def transfer(
         checkpoint_dir=checkpoint_dir,
     )
     return pipe.fit(task.target_train, task.target_val, resume=resume), model
+
+
+def transfer_on_other_keras_engine(
+    engine: str, start: dict, *, preset: str, bn: str | None, seed: int, quick: bool
+) -> History:
+    """:func:`transfer` on Keras with ``engine`` (jax or torch), in a subprocess: Keras reads
+    KERAS_BACKEND once per process. Starts from the same neutral weights.
+
+    Example:
+        >>> history = transfer_on_other_keras_engine("torch", start, preset="keras_guide",
+        ...                                          bn=None, seed=0, quick=False)  # doctest: +SKIP
+    """
+    from safetensors.numpy import save_file
+
+    code = (
+        "import json, sys\n"
+        "from safetensors.numpy import load_file\n"
+        "from xfer import run\n"
+        "preset, bn, seed, quick = sys.argv[2], sys.argv[3] or None, int(sys.argv[4]), sys.argv[5] == '1'\n"
+        "history, _ = run.transfer('keras', load_file(sys.argv[1]), preset=preset, bn=bn, seed=seed, quick=quick)\n"
+        "print(json.dumps(history.to_dict()))\n"
+    )
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "start.safetensors")
+        save_file(start, path)
+        args = [path, preset, bn or "", str(seed), "1" if quick else "0"]
+        done = subprocess.run(
+            [sys.executable, "-c", code, *args],
+            env={**os.environ, "KERAS_BACKEND": engine},
+            capture_output=True,
+            text=True,
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"keras-{engine} failed in its subprocess: {done.stderr.strip()[-800:]}")
+    return History.from_dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def run(
