@@ -195,6 +195,29 @@ _OPTIMIZERS = {
 }
 
 
+def _scale_learning_rates(optimizer, factors: dict[int, float]) -> None:
+    """Give variables their own learning rate (``factor`` x the optimizer's).
+
+    Keras 3 optimizers have no parameter groups; every engine updates the variables in
+    ``_backend_update_step(grads, variables, learning_rate)`` (torch fuses it, jax loops),
+    so the variables are split by factor there and each group updated with its own rate.
+    AdamW's decoupled weight decay still uses the optimizer's rate.
+    """
+    update = optimizer._backend_update_step
+
+    def grouped_update(grads, variables, learning_rate):
+        groups: dict[float, tuple[list, list]] = {}
+        for grad, variable in zip(grads, variables, strict=True):
+            group = groups.setdefault(factors.get(id(variable), 1.0), ([], []))
+            group[0].append(grad)
+            group[1].append(variable)
+        for factor, (group_grads, group_variables) in groups.items():
+            update(group_grads, group_variables, learning_rate * factor)
+
+    # An instance attribute, past Keras's attribute tracking: this optimizer only.
+    optimizer.__dict__["_backend_update_step"] = grouped_update
+
+
 class KerasAdapter:
     name = "keras"
 
@@ -309,17 +332,20 @@ class KerasAdapter:
         return [float(v) for v in history.history["loss"]]
 
     def trainer(self, model, *, optimizer, lr, weight_decay, lr_groups):
+        native = _OPTIMIZERS[optimizer](lr, weight_decay)
         if lr_groups:
-            raise NotImplementedError(
-                "Keras 3 optimizers have no parameter groups, so discriminative learning rates "
-                "(lr_groups) are not supported on the keras backend yet: use one lr per stage "
-                "(gradual unfreezing works), or the torch or flax backend."
-            )
+            layers = {u.path: u.native for u in self.units(model)}
+            factors = {}
+            for paths, group_lr in reversed(lr_groups):  # the first group wins
+                for path in paths:
+                    factors.update(
+                        dict.fromkeys(map(id, layers[path]._trainable_variables), group_lr / lr)
+                    )
+            _scale_learning_rates(native, factors)
         # Keras's own loop: compile after the xfer calls (Keras collects the trainable
         # variables there), then train_on_batch, which returns that batch's loss.
         model.compile(
-            optimizer=_OPTIMIZERS[optimizer](lr, weight_decay),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            optimizer=native, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         )
 
         def step(x: np.ndarray, y: np.ndarray) -> float:

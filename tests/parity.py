@@ -166,6 +166,10 @@ def _pipeline_checks(kit, weights: dict) -> dict[str, np.ndarray]:
             "head", train=S.path("head.**"), bn="frozen", mode="inference", lr=0.05, epochs=2
         ),
         xfer.Stage("finetune", train=S.all(), bn="affine", lr=0.01, epochs=2),
+        # Discriminative learning rates: the base ten times slower than the head.
+        xfer.Stage(
+            "groups", train=S.all(), bn="affine", lr=0.01, lr_groups=((S.path("base.**"), 0.001),)
+        ),
     ]
     history = xfer.TransferPipeline(model, stages, optimizer="momentum", batch_size=8).fit(
         (x, y), val
