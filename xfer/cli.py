@@ -235,9 +235,9 @@ def _progress(args: argparse.Namespace) -> _Progress | None:
 
 
 def _keras_engine() -> str:
-    import keras
+    from xfer.backends.keras_semantics import engine  # framework code stays in backends/
 
-    return keras.backend.backend()
+    return engine()
 
 
 def build_parser() -> argparse.ArgumentParser:
