@@ -166,11 +166,14 @@ def transfer_on_other_keras_engine(
         path = os.path.join(directory, "start.safetensors")
         save_file(start, path)
         args = [path, preset, bn or "", str(seed), "1" if quick else "0"]
+        # From the temporary directory: `python -c` puts the working directory first on
+        # sys.path, and a source checkout there would shadow the installed xfer.
         done = subprocess.run(
             [sys.executable, "-c", code, *args],
             env={**os.environ, "KERAS_BACKEND": engine},
             capture_output=True,
             text=True,
+            cwd=directory,
         )
     if done.returncode != 0:
         raise RuntimeError(f"keras-{engine} failed in its subprocess: {done.stderr.strip()[-800:]}")

@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -144,6 +145,8 @@ _CHILD = (
 
 def _keras_in_subprocess(engine: str) -> dict:
     env = {**os.environ, "KERAS_BACKEND": engine}
+    # From the temporary directory: `python -c` puts the working directory first on
+    # sys.path, and a source checkout there would shadow the installed xfer.
     done = subprocess.run(
         [sys.executable, "-c", _CHILD],
         env=env,
@@ -151,6 +154,7 @@ def _keras_in_subprocess(engine: str) -> dict:
         text=True,
         timeout=600,
         check=False,
+        cwd=tempfile.gettempdir(),
     )
     for line in done.stdout.splitlines():
         if line.startswith(_MARKER):
