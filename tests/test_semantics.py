@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import json
 
+import pytest
+
 from xfer import semantics
 from xfer.cli import main
 
@@ -175,3 +177,18 @@ def test_cli_prints_json_for_one_backend(kit, capsys, monkeypatch):
     assert json.loads(capsys.readouterr().out)["columns"][0]["id"] == kit.id
     assert main(["semantics", "--backend", backend, "--format", "markdown"]) == 0
     assert capsys.readouterr().out.startswith("| # | question |")
+
+
+@pytest.mark.backends("keras-jax", "keras-torch")
+def test_keras_other_engine_is_measured_in_a_subprocess_of_the_installed_xfer(kit):
+    # Run from a clean clone, the working directory holds the source tree, which must not
+    # shadow the installed package in the child process.
+    from xfer import _config, semantics
+
+    other = "torch" if kit.id == "keras-jax" else "jax"
+    if not _config.is_installed(other):
+        pytest.skip(f"{other} is not installed in this session")
+    measured = semantics._keras_in_subprocess(other)
+    assert measured["versions"]["keras"]
+    assert measured["cells"]["trainable_false_forces_inference"]["native"] is True
+    assert measured["cells"]["freeze_stops_bn_stats"]["xfer"] is True
