@@ -1,4 +1,4 @@
-"""The ``xfer`` command line (also ``python -m xfer``)."""
+"""xfer: freezing and inference mode done right on PyTorch, Keras 3 and Flax NNX (also: python -m xfer)."""
 
 from __future__ import annotations
 
