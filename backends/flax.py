@@ -49,6 +49,7 @@ __all__ = [
     "FlaxAdapter",
     "Frozen",
     "GlobalAvgPool",
+    "ResNet",
     "SmallCNN",
     "TransferHead",
     "TransferModel",
@@ -353,6 +354,11 @@ class FlaxAdapter:
         self.units(model)  # records the definition order now, before any jit sees the model
         return model
 
+    def resnet(self, depth: int, num_classes: int, in_channels: int, *, width: int, seed: int):
+        model = ResNet(depth, num_classes, in_channels, width, rngs=nnx.Rngs(seed))
+        self.units(model)  # records the definition order now, before any jit sees the model
+        return model
+
     def attach_head(self, base: nnx.Module, num_classes, *, dropout, input_shape, seed):
         if input_shape is None:
             raise ValueError(
@@ -559,3 +565,128 @@ class TransferModel(nnx.Module):
 
 
 ADAPTER = FlaxAdapter()
+
+
+# --- ResNet reference model (xfer.models.resnet) -------------------------------------------
+
+
+def _conv(c_in: int, c_out: int, kernel: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
+    # Explicit symmetric padding: "SAME" with stride 2 pads asymmetrically, unlike PyTorch.
+    p = kernel // 2
+    return nnx.Conv(
+        c_in,
+        c_out,
+        kernel_size=(kernel, kernel),
+        strides=(stride, stride),
+        padding=((p, p), (p, p)),
+        use_bias=False,
+        rngs=rngs,
+    )
+
+
+def _bn(channels: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    return nnx.BatchNorm(channels, epsilon=1e-3, momentum=0.9, rngs=rngs)
+
+
+class _Stem(nnx.Module):
+    def __init__(self, in_channels: int, width: int, rngs: nnx.Rngs):
+        self.conv = _conv(in_channels, width, 7, 2, rngs)
+        self.bn = _bn(width, rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.bn(self.conv(x)))
+        return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+class _Downsample(nnx.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, rngs: nnx.Rngs):
+        self.conv = _conv(c_in, c_out, 1, stride, rngs)
+        self.bn = _bn(c_out, rngs)
+
+    def __call__(self, x):
+        return self.bn(self.conv(x))
+
+
+class _BasicBlock(nnx.Module):
+    expansion = 1
+
+    def __init__(self, c_in: int, planes: int, stride: int, rngs: nnx.Rngs):
+        self.conv1 = _conv(c_in, planes, 3, stride, rngs)
+        self.bn1 = _bn(planes, rngs)
+        self.conv2 = _conv(planes, planes, 3, 1, rngs)
+        self.bn2 = _bn(planes, rngs)
+        changes = stride != 1 or c_in != planes
+        self.downsample = _Downsample(c_in, planes, stride, rngs) if changes else None
+
+    def __call__(self, x):
+        out = self.bn2(self.conv2(nnx.relu(self.bn1(self.conv1(x)))))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return nnx.relu(out + shortcut)
+
+
+class _Bottleneck(nnx.Module):
+    expansion = 4
+
+    def __init__(self, c_in: int, planes: int, stride: int, rngs: nnx.Rngs):
+        c_out = planes * 4
+        self.conv1 = _conv(c_in, planes, 1, 1, rngs)
+        self.bn1 = _bn(planes, rngs)
+        self.conv2 = _conv(planes, planes, 3, stride, rngs)
+        self.bn2 = _bn(planes, rngs)
+        self.conv3 = _conv(planes, c_out, 1, 1, rngs)
+        self.bn3 = _bn(c_out, rngs)
+        changes = stride != 1 or c_in != c_out
+        self.downsample = _Downsample(c_in, c_out, stride, rngs) if changes else None
+
+    def __call__(self, x):
+        out = nnx.relu(self.bn1(self.conv1(x)))
+        out = self.bn3(self.conv3(nnx.relu(self.bn2(self.conv2(out)))))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return nnx.relu(out + shortcut)
+
+
+RESNET_STAGES = {18: ((2, 2, 2, 2), _BasicBlock), 50: ((3, 4, 6, 3), _Bottleneck)}
+
+
+class _ResNetBase(nnx.Module):
+    def __init__(self, depth: int, in_channels: int, width: int, rngs: nnx.Rngs):
+        counts, block = RESNET_STAGES[depth]
+        self.stem = _Stem(in_channels, width, rngs)
+        c_in = width
+        for i, count in enumerate(counts):
+            planes = width * 2**i
+            blocks = []
+            for j in range(count):
+                blocks.append(block(c_in, planes, 2 if i > 0 and j == 0 else 1, rngs))
+                c_in = planes * block.expansion
+            setattr(self, f"layer{i + 1}", nnx.List(blocks))
+        self.pool = _GlobalAvgPool()
+        self.features = c_in
+
+    def __call__(self, x):
+        x = self.stem(x)
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in stage:
+                x = block(x)
+        return self.pool(x)
+
+
+class _ResNetHead(nnx.Module):
+    def __init__(self, features: int, num_classes: int, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(features, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dense(x)
+
+
+class ResNet(nnx.Module):
+    """``xfer.models.resnet``: base (stem, layer1..layer4, pool) and head (dense), NHWC."""
+
+    def __init__(
+        self, depth: int, num_classes: int, in_channels: int = 3, width: int = 64, *, rngs
+    ):
+        self.base = _ResNetBase(depth, in_channels, width, rngs)
+        self.head = _ResNetHead(self.base.features, num_classes, rngs)
+
+    def __call__(self, x):
+        return self.head(self.base(x))

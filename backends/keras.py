@@ -280,6 +280,29 @@ class KerasAdapter:
         # The transfer-learning guide's nested call, whose training=False fit() overrides.
         return keras.Model(inputs, head(base(inputs, training=False)), name="small_cnn")
 
+    def resnet(self, depth: int, num_classes: int, in_channels: int, *, width: int, seed: int):
+        keras.utils.set_random_seed(seed)
+        counts, block = RESNET_STAGES[depth]
+        inputs = keras.Input((None, None, in_channels))
+        x = _ResNetStem(width, name="stem")(inputs)
+        c_in = width
+        for i, count in enumerate(counts):
+            planes, blocks = width * 2**i, []
+            for j in range(count):
+                stride = 2 if i > 0 and j == 0 else 1
+                c_out = planes * block.expansion
+                # Blocks named "0", "1", ...: a Sequential's units are named by layer name.
+                down = stride != 1 or c_in != c_out
+                blocks.append(block(planes, stride, down, name=str(j)))
+                c_in = c_out
+            x = keras.Sequential(blocks, name=f"layer{i + 1}")(x)
+        base = keras.Model(inputs, L.GlobalAveragePooling2D(name="pool")(x), name="base")
+        head = keras.Sequential(
+            [keras.Input((c_in,)), L.Dense(num_classes, name="dense")], name="head"
+        )
+        inputs = keras.Input((None, None, in_channels))
+        return keras.Model(inputs, head(base(inputs, training=False)), name=f"resnet{depth}")
+
     def attach_head(self, base, num_classes, *, dropout, input_shape, seed):
         shape = input_shape or _input_shape(base)
         inputs = keras.Input(shape)
@@ -440,3 +463,158 @@ class KerasAdapter:
 
 
 ADAPTER = KerasAdapter()
+
+
+# --- ResNet reference model (xfer.models.resnet) -------------------------------------------
+# Convs pad explicitly and symmetrically (keras.ops.pad, then "valid"): "same" with stride 2
+# pads asymmetrically in TF/JAX, unlike PyTorch. Padding and ReLU are ops, not layers, so
+# that the units are the same as in the PyTorch and Flax models.
+
+
+def _pad(x, p: int):
+    return x if p == 0 else keras.ops.pad(x, [[0, 0], [p, p], [p, p], [0, 0]])
+
+
+def _padded(shape, p: int) -> tuple:
+    grow = lambda d: None if d is None else d + 2 * p  # noqa: E731
+    return (shape[0], grow(shape[1]), grow(shape[2]), shape[3])
+
+
+def _build_part(layer, shape) -> tuple:
+    if not layer.built:  # deserialized sublayers arrive built
+        layer.build(shape)
+    return layer.compute_output_shape(shape)
+
+
+class _Parts(keras.layers.Layer):
+    """A layer of named sublayers kept in its config (as ``_Block``), so that their
+    ``trainable`` flags survive ``.keras``. ``_parts()`` makes fresh ones: name -> layer."""
+
+    PARTS: tuple[str, ...] = ()
+
+    def __init__(self, filters: int, stride: int = 1, downsample: bool = False, **kwargs):
+        configs = {name: kwargs.pop(name, None) for name in self.PARTS}
+        super().__init__(**kwargs)
+        self.filters, self.stride, self.has_downsample = filters, stride, downsample
+        fresh = self._parts()
+        for name in self.PARTS:
+            config = configs[name]
+            part = keras.saving.deserialize_keras_object(config) if config else fresh[name]
+            setattr(self, name, part)
+
+    def _parts(self) -> dict:
+        raise NotImplementedError
+
+    def get_config(self):
+        save = keras.saving.serialize_keras_object
+        parts = {n: save(getattr(self, n)) for n in self.PARTS if getattr(self, n) is not None}
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "stride": self.stride,
+            "downsample": self.has_downsample,
+            **parts,
+        }
+
+
+def _rconv(filters: int, kernel: int, stride: int = 1):
+    return L.Conv2D(filters, kernel, strides=stride, padding="valid", use_bias=False)
+
+
+def _rbn():
+    return L.BatchNormalization(epsilon=1e-3, momentum=0.9)
+
+
+@keras.saving.register_keras_serializable(package="xfer")
+class _ResNetStem(_Parts):
+    PARTS = ("conv", "bn")
+
+    def _parts(self):
+        return {"conv": _rconv(self.filters, 7, 2), "bn": _rbn()}
+
+    def build(self, input_shape):
+        _build_part(self.bn, _build_part(self.conv, _padded(input_shape, 3)))
+
+    def call(self, x, training=None):
+        x = keras.ops.relu(self.bn(self.conv(_pad(x, 3)), training=training))
+        # Zero padding is -inf padding here: the input is a ReLU output.
+        return keras.ops.max_pool(_pad(x, 1), 3, 2, padding="valid")
+
+
+@keras.saving.register_keras_serializable(package="xfer")
+class _ResNetDownsample(_Parts):
+    PARTS = ("conv", "bn")
+
+    def _parts(self):
+        return {"conv": _rconv(self.filters, 1, self.stride), "bn": _rbn()}
+
+    def build(self, input_shape):
+        _build_part(self.bn, _build_part(self.conv, input_shape))
+
+    def call(self, x, training=None):
+        return self.bn(self.conv(x), training=training)
+
+
+@keras.saving.register_keras_serializable(package="xfer")
+class _ResNetBasicBlock(_Parts):
+    PARTS = ("conv1", "bn1", "conv2", "bn2", "downsample")
+    expansion = 1
+
+    def _parts(self):
+        f, s = self.filters, self.stride
+        down = _ResNetDownsample(f, s) if self.has_downsample else None
+        return {
+            "conv1": _rconv(f, 3, s),
+            "bn1": _rbn(),
+            "conv2": _rconv(f, 3),
+            "bn2": _rbn(),
+            "downsample": down,
+        }
+
+    def build(self, input_shape):
+        shape = _build_part(self.bn1, _build_part(self.conv1, _padded(input_shape, 1)))
+        _build_part(self.bn2, _build_part(self.conv2, _padded(shape, 1)))
+        if self.downsample is not None and not self.downsample.built:
+            self.downsample.build(input_shape)
+
+    def call(self, x, training=None):
+        out = keras.ops.relu(self.bn1(self.conv1(_pad(x, 1)), training=training))
+        out = self.bn2(self.conv2(_pad(out, 1)), training=training)
+        shortcut = x if self.downsample is None else self.downsample(x, training=training)
+        return keras.ops.relu(out + shortcut)
+
+
+@keras.saving.register_keras_serializable(package="xfer")
+class _ResNetBottleneck(_Parts):
+    PARTS = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample")
+    expansion = 4
+
+    def _parts(self):
+        f, s = self.filters, self.stride
+        down = _ResNetDownsample(4 * f, s) if self.has_downsample else None
+        return {
+            "conv1": _rconv(f, 1),
+            "bn1": _rbn(),
+            "conv2": _rconv(f, 3, s),
+            "bn2": _rbn(),
+            "conv3": _rconv(4 * f, 1),
+            "bn3": _rbn(),
+            "downsample": down,
+        }
+
+    def build(self, input_shape):
+        shape = _build_part(self.bn1, _build_part(self.conv1, input_shape))
+        shape = _build_part(self.bn2, _build_part(self.conv2, _padded(shape, 1)))
+        _build_part(self.bn3, _build_part(self.conv3, shape))
+        if self.downsample is not None and not self.downsample.built:
+            self.downsample.build(input_shape)
+
+    def call(self, x, training=None):
+        out = keras.ops.relu(self.bn1(self.conv1(x), training=training))
+        out = keras.ops.relu(self.bn2(self.conv2(_pad(out, 1)), training=training))
+        out = self.bn3(self.conv3(out), training=training)
+        shortcut = x if self.downsample is None else self.downsample(x, training=training)
+        return keras.ops.relu(out + shortcut)
+
+
+RESNET_STAGES = {18: ((2, 2, 2, 2), _ResNetBasicBlock), 50: ((3, 4, 6, 3), _ResNetBottleneck)}

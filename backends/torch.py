@@ -209,6 +209,10 @@ class TorchAdapter:
         torch.manual_seed(seed)
         return SmallCNN(num_classes, in_channels, width, dropout)
 
+    def resnet(self, depth: int, num_classes: int, in_channels: int, *, width: int, seed: int):
+        torch.manual_seed(seed)
+        return ResNet(depth, num_classes, in_channels, width)
+
     def attach_head(self, base: nn.Module, num_classes, *, dropout, input_shape, seed):
         if input_shape is None:
             raise ValueError(
@@ -422,3 +426,122 @@ class TransferModel(nn.Module):
 
 
 ADAPTER = TorchAdapter()
+
+
+# --- ResNet reference model (xfer.models.resnet) -------------------------------------------
+
+
+def _conv(c_in: int, c_out: int, kernel: int, stride: int = 1) -> nn.Conv2d:
+    # Explicit symmetric padding, the same as the Keras and Flax models.
+    return nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=False)
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.1)
+
+
+class _Stem(nn.Module):
+    def __init__(self, in_channels: int, width: int):
+        super().__init__()
+        self.conv = _conv(in_channels, width, 7, 2)
+        self.bn = _bn(width)
+
+    def forward(self, x):
+        return nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 3, 2, padding=1)
+
+
+class _Downsample(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv = _conv(c_in, c_out, 1, stride)
+        self.bn = _bn(c_out)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class _BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, c_in: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = _conv(c_in, planes, 3, stride)
+        self.bn1 = _bn(planes)
+        self.conv2 = _conv(planes, planes, 3)
+        self.bn2 = _bn(planes)
+        changes = stride != 1 or c_in != planes
+        self.downsample = _Downsample(c_in, planes, stride) if changes else None
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return torch.relu(out + shortcut)
+
+
+class _Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, c_in: int, planes: int, stride: int):
+        super().__init__()
+        c_out = planes * 4
+        self.conv1 = _conv(c_in, planes, 1)
+        self.bn1 = _bn(planes)
+        self.conv2 = _conv(planes, planes, 3, stride)
+        self.bn2 = _bn(planes)
+        self.conv3 = _conv(planes, c_out, 1)
+        self.bn3 = _bn(c_out)
+        changes = stride != 1 or c_in != c_out
+        self.downsample = _Downsample(c_in, c_out, stride) if changes else None
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn3(self.conv3(torch.relu(self.bn2(self.conv2(out)))))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return torch.relu(out + shortcut)
+
+
+RESNET_STAGES = {18: ((2, 2, 2, 2), _BasicBlock), 50: ((3, 4, 6, 3), _Bottleneck)}
+
+
+class _ResNetBase(nn.Module):
+    def __init__(self, depth: int, in_channels: int, width: int):
+        super().__init__()
+        counts, block = RESNET_STAGES[depth]
+        self.stem = _Stem(in_channels, width)
+        c_in = width
+        for i, count in enumerate(counts):
+            planes = width * 2**i
+            blocks = []
+            for j in range(count):
+                blocks.append(block(c_in, planes, 2 if i > 0 and j == 0 else 1))
+                c_in = planes * block.expansion
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.pool = _GlobalAvgPool()
+        self.features = c_in
+
+    def forward(self, x):
+        x = self.stem(x)
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x)
+        return self.pool(x)
+
+
+class _ResNetHead(nn.Module):
+    def __init__(self, features: int, num_classes: int):
+        super().__init__()
+        self.dense = nn.Linear(features, num_classes)
+
+    def forward(self, x):
+        return self.dense(x)
+
+
+class ResNet(nn.Module):
+    """``xfer.models.resnet``: base (stem, layer1..layer4, pool) and head (dense), NCHW."""
+
+    def __init__(self, depth: int, num_classes: int, in_channels: int = 3, width: int = 64):
+        super().__init__()
+        self.base = _ResNetBase(depth, in_channels, width)
+        self.head = _ResNetHead(self.base.features, num_classes)
+
+    def forward(self, x):
+        return self.head(self.base(x))

@@ -71,6 +71,17 @@ class Adapter(Protocol):
     ) -> Any:
         """The reference model of ``xfer.models.small_cnn`` in this framework."""
 
+    def resnet(
+        self, depth: int, num_classes: int, in_channels: int, *, width: int, seed: int
+    ) -> Any:
+        """The reference ResNet of ``xfer.models.resnet`` (depth 18 or 50) in this framework.
+
+        Called with validated arguments. Units ``base.stem`` (``conv``, ``bn``),
+        ``base.layer1``..``base.layer4`` (blocks ``0``, ``1``, ... with ``conv1``/``bn1``..,
+        and ``downsample.conv``/``downsample.bn`` where the shape changes), ``base.pool``
+        and ``head.dense``; explicit symmetric padding so every framework computes the same.
+        """
+
     def attach_head(
         self,
         base: Any,

@@ -117,3 +117,54 @@ def attach_head(
     return adapter.attach_head(
         base, num_classes, dropout=float(dropout), input_shape=input_shape, seed=seed
     )
+
+
+RESNET_DEPTHS = (18, 50)
+
+
+def resnet(
+    depth: int,
+    num_classes: int,
+    in_channels: int = 3,
+    *,
+    width: int = 64,
+    seed: int = 0,
+    backend: str | None = None,
+) -> Any:
+    """The classic ResNet (He et al.), defined the same way on every backend, on
+    channels-last images with ``in_channels`` channels.
+
+    - ``base.stem``: ``conv`` (7x7, stride 2, no bias) -> ``bn`` -> ReLU -> 3x3 max-pool,
+      stride 2, padding 1.
+    - ``base.layer1``..``base.layer4``: [2, 2, 2, 2] basic blocks (depth 18: ``conv1``,
+      ``bn1``, ``conv2``, ``bn2``) or [3, 4, 6, 3] bottlenecks (depth 50: also ``conv3``,
+      ``bn3``, 4x expansion), blocks named ``0``, ``1``, ...; the first block of layers 2-4
+      has stride 2 (on the 3x3 conv of a bottleneck), and a block whose output shape differs
+      from its input has a ``downsample`` (``conv`` 1x1, ``bn``) on the shortcut.
+    - ``base.pool`` (global average) and ``head.dense`` (no dropout).
+
+    Stage widths are ``width``, 2, 4 and 8 x ``width`` (64 gives the usual ResNet). Convs
+    have no bias and explicit symmetric padding (never "same" with stride 2, which TF and
+    JAX pad asymmetrically), so weights moved with ``xfer.export_weights`` /
+    ``xfer.import_weights`` give the same logits in every framework. BatchNorm uses epsilon
+    1e-3 and momentum 0.9 (0.1 in PyTorch's convention) everywhere, as in ``small_cnn``.
+
+    Example:
+        >>> import xfer
+        >>> model = xfer.models.resnet(18, 10, backend="torch")   # doctest: +SKIP
+    """
+    if isinstance(depth, bool) or depth not in RESNET_DEPTHS:
+        raise ValueError(
+            f"resnet: depth must be one of {', '.join(map(str, RESNET_DEPTHS))}, got {depth!r}."
+        )
+    for name, value, low in (
+        ("num_classes", num_classes, 2),
+        ("in_channels", in_channels, 1),
+        ("width", width, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"resnet: {name} must be an integer >= {low}, got {value!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"resnet: seed must be an integer, got {seed!r}.")
+    adapter = load_adapter(backend or get_backend())
+    return adapter.resnet(depth, num_classes, in_channels, width=width, seed=seed)
