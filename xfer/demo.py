@@ -19,6 +19,7 @@ import numpy as np
 import xfer
 from xfer import select as S
 from xfer._adapter import load_adapter
+from xfer._table import table
 
 NUM_CLASSES = 4
 SIZE = 12
@@ -141,8 +142,4 @@ def format_table(backend: str, version: str, results: list[StageResult]) -> str:
         )
         for r in results
     ]
-    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
-    lines = [f"{backend} ({version})"]
-    for line in [header, *rows]:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
-    return "\n".join(lines)
+    return f"{backend} ({version})\n{table(header, rows)}"

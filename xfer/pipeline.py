@@ -20,6 +20,7 @@ import numpy as np
 from xfer import data as D
 from xfer import select as S
 from xfer._adapter import Adapter, Unit, find_adapter
+from xfer._table import table
 from xfer.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from xfer.policy import BNPolicy
 from xfer.state import _check_mode, changed_tensors, frozen_tensors, snapshot
@@ -220,12 +221,7 @@ class History:
                 f"{s.n_frozen:,}",
                 kept + (f" CHANGED: {', '.join(s.changed[:3])}" if s.changed else ""),
             ))  # fmt: skip
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        lines = [
-            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-            for r in [header, *rows]
-        ]
-        return "\n".join([f"{self.backend}", *lines])
+        return f"{self.backend}\n{table(header, rows)}"
 
 
 def apply_stage(model: Any, stage: Stage, adapter: Adapter | None = None) -> list[Unit]:
