@@ -413,7 +413,31 @@ class FlaxAdapter:
 
     def predict(self, model, x) -> np.ndarray:
         model.eval()
-        return np.asarray(model(jnp.asarray(x, jnp.float32)))
+        return np.concatenate([
+            np.asarray(model(jnp.asarray(x[i : i + 256], jnp.float32)))
+            for i in range(0, len(x), 256)
+        ])  # fmt: skip
+
+    def place(self, model: nnx.Module, device: str) -> str:
+        # JAX puts arrays on its default device itself.
+        actual = "cuda" if jax.default_backend() == "gpu" else "cpu"
+        if device not in ("auto", actual):
+            raise ValueError(
+                f"device={device!r}, but JAX's default device here is {actual}. Use "
+                "device='auto', or choose the device before starting Python (JAX_PLATFORMS=cpu "
+                "or JAX_PLATFORMS=cuda)."
+            )
+        return actual
+
+    def chain(self, model: nnx.Module) -> list[nnx.Module] | None:
+        if type(model) is nnx.Sequential:
+            return list(model.layers)
+        names = getattr(type(model), "xfer_chain", None)
+        return None if names is None else [getattr(model, name) for name in names]
+
+    def mode_free(self, unit: Unit) -> bool:
+        # NNX's train()/eval() set exactly these attributes wherever a module has them.
+        return not any(hasattr(unit.native, a) for a in ("deterministic", "use_running_average"))
 
 
 # Matched on every backend: Adam's epsilon is Keras's default, SGD momentum 0.9.
@@ -497,6 +521,8 @@ class SmallCNN(nnx.Module):
         self.base = _Base(in_channels, width, dropout, rngs)
         self.head = _Head(width, num_classes, dropout, rngs)
 
+    xfer_chain = ("base", "head")  # __call__ is head(base(x)): feature caching may split it
+
     def __call__(self, x):
         return self.head(self.base(x))
 
@@ -559,6 +585,8 @@ class TransferModel(nnx.Module):
     def __init__(self, base: nnx.Module, head: nnx.Module):
         self.base = base
         self.head = head
+
+    xfer_chain = ("base", "head")  # __call__ is head(base(x)): feature caching may split it
 
     def __call__(self, x):
         return self.head(self.base(x))
@@ -687,6 +715,8 @@ class ResNet(nnx.Module):
     ):
         self.base = _ResNetBase(depth, in_channels, width, rngs)
         self.head = _ResNetHead(self.base.features, num_classes, rngs)
+
+    xfer_chain = ("base", "head")  # __call__ is head(base(x)): feature caching may split it
 
     def __call__(self, x):
         return self.head(self.base(x))

@@ -27,6 +27,7 @@ import functools
 
 import keras
 import numpy as np
+from keras.src.models.functional import Functional
 
 from xfer._adapter import Unit
 
@@ -41,6 +42,17 @@ _NORMS = tuple(
     for n in ("LayerNormalization", "GroupNormalization", "UnitNormalization", "RMSNormalization")
     if hasattr(L, n)
 )
+
+
+# Keras layer modules whose computation depends on `training` (dropout inside RNNs and
+# attention; augmentation in preprocessing).
+_MODE_DEPENDENT = tuple(
+    f"keras.src.layers.{m}"
+    for m in (
+        "normalization.batch_normalization", "regularization.", "rnn.", "attention.",
+        "preprocessing.",
+    )
+)  # fmt: skip
 
 
 def _own_weights(layer) -> list:
@@ -382,6 +394,51 @@ class KerasAdapter:
         x = np.asarray(x, "float32")
         out = [model(x[i : i + 256], training=False) for i in range(0, len(x), 256)]
         return np.concatenate([keras.ops.convert_to_numpy(o) for o in out])
+
+    def place(self, model, device: str) -> str:
+        # Keras puts every variable on its engine's default device itself.
+        engine = keras.backend.backend()
+        if engine == "torch":
+            from keras.src.backend.torch.core import get_device
+
+            actual = "cuda" if str(get_device()).startswith("cuda") else "cpu"
+            how = "CUDA_VISIBLE_DEVICES='' hides the GPU from torch"
+        else:
+            import jax
+
+            actual = "cuda" if jax.default_backend() == "gpu" else "cpu"
+            how = "JAX_PLATFORMS=cpu or =cuda picks the device"
+        if device not in ("auto", actual):
+            raise ValueError(
+                f"device={device!r}, but Keras on {engine} places its variables on {actual} "
+                f"itself. Use device='auto', or choose the device before starting Python "
+                f"({how})."
+            )
+        return actual
+
+    def chain(self, model) -> list | None:
+        if isinstance(model, keras.Sequential):
+            return list(model.layers)
+        if not isinstance(model, Functional) or len(model.inputs) != 1 or len(model.outputs) != 1:
+            return None
+        # Walk back from the output: a chain is one layer per step, each on one tensor, and
+        # no other operation anywhere in the graph.
+        layers, tensor = [], model.outputs[0]
+        while tensor is not model.inputs[0]:
+            operation, node_index, _ = tensor._keras_history
+            node = operation._inbound_nodes[node_index]
+            if not isinstance(operation, L.Layer) or len(node.input_tensors) != 1:
+                return None
+            layers.append(operation)
+            tensor = node.input_tensors[0]
+        operations = [op for op in model._operations if not isinstance(op, L.InputLayer)]
+        return layers[::-1] if len(operations) == len(layers) else None
+
+    def mode_free(self, unit: Unit) -> bool:
+        module = type(unit.native).__module__
+        if module.startswith("keras.src.models.") or module == __name__:
+            return True  # Functional and Sequential, and xfer's layers, only call their children
+        return module.startswith("keras.src.layers.") and not module.startswith(_MODE_DEPENDENT)
 
     def param_counts(self, unit: Unit) -> tuple[int, int]:
         params = unit.native._trainable_variables

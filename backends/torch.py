@@ -280,8 +280,35 @@ class TorchAdapter:
 
     def predict(self, model, x) -> np.ndarray:
         model.eval()
+        device = _device(model)
         with torch.no_grad():
-            return model(_to_tensor(x, next(model.parameters()).device)).cpu().numpy()
+            out = [model(_to_tensor(x[i : i + 256], device)) for i in range(0, len(x), 256)]
+        return _channels_last(torch.cat(out).cpu().numpy())
+
+    def place(self, model: nn.Module, device: str) -> str:
+        cuda = torch.cuda.is_available()
+        if device == "cuda" and not cuda:
+            raise ValueError(
+                "device='cuda', but torch sees no CUDA device (torch.cuda.is_available() is "
+                f"False; torch {torch.__version__}). Use device='auto' or 'cpu'."
+            )
+        if device == "auto":
+            device = "cuda" if cuda else "cpu"
+        model.to(device)
+        return device
+
+    def chain(self, model: nn.Module) -> list[nn.Module] | None:
+        if type(model) is nn.Sequential:
+            return list(model.children())
+        names = getattr(type(model), "xfer_chain", None)
+        return None if names is None else [getattr(model, name) for name in names]
+
+    def mode_free(self, unit: Unit) -> bool:
+        module = unit.native
+        if isinstance(module, _MODE_DEPENDENT):
+            return False
+        # torch's own layers other than those, and xfer's, which only call their children.
+        return type(module).__module__.startswith(("torch.nn.modules.", __name__))
 
 
 # Matched on every backend: Adam's epsilon is Keras's default, SGD momentum 0.9.
@@ -294,10 +321,34 @@ _OPTIMIZERS = {
 
 
 def _to_tensor(x: np.ndarray, device) -> torch.Tensor:
-    """Channels-last numpy images to an NCHW tensor."""
-    return torch.from_numpy(
-        np.ascontiguousarray(np.asarray(x, "float32").transpose(0, 3, 1, 2))
-    ).to(device)
+    """Channels-last numpy images (or feature maps) to a channels-first tensor; a
+    ``(batch, features)`` array as it is."""
+    x = np.asarray(x, "float32")
+    if x.ndim >= 3:
+        x = np.ascontiguousarray(np.moveaxis(x, -1, 1))
+    return torch.from_numpy(x).to(device)
+
+
+def _channels_last(x: np.ndarray) -> np.ndarray:
+    return np.moveaxis(x, 1, -1) if x.ndim >= 3 else x
+
+
+def _device(module: nn.Module) -> torch.device:
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
+# torch layers whose computation depends on train/eval (dropout inside RNNs and attention).
+_MODE_DEPENDENT = (
+    _BatchNorm,
+    _DropoutNd,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.RNNBase,
+    nn.MultiheadAttention,
+    nn.Transformer,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
 
 
 class _Block(nn.Module):
@@ -347,6 +398,8 @@ class SmallCNN(nn.Module):
         super().__init__()
         self.base = _Base(in_channels, width, dropout)
         self.head = _Head(width, num_classes, dropout)
+
+    xfer_chain = ("base", "head")  # forward is head(base(x)): feature caching may split it
 
     def forward(self, x):
         return self.head(self.base(x))
@@ -420,6 +473,8 @@ class TransferModel(nn.Module):
         super().__init__()
         self.base = base
         self.head = head
+
+    xfer_chain = ("base", "head")  # forward is head(base(x)): feature caching may split it
 
     def forward(self, x):
         return self.head(self.base(x))
@@ -542,6 +597,8 @@ class ResNet(nn.Module):
         super().__init__()
         self.base = _ResNetBase(depth, in_channels, width)
         self.head = _ResNetHead(self.base.features, num_classes)
+
+    xfer_chain = ("base", "head")  # forward is head(base(x)): feature caching may split it
 
     def forward(self, x):
         return self.head(self.base(x))

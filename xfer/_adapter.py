@@ -133,7 +133,27 @@ class Adapter(Protocol):
         """
 
     def predict(self, model: Any, x: np.ndarray) -> np.ndarray:
-        """Logits in the framework's inference mode, for channels-last numpy images."""
+        """Outputs in the framework's inference mode, for channels-last numpy inputs: the
+        logits of a classifier; a feature map comes back channels-last too."""
+
+    def place(self, model: Any, device: str) -> str:
+        """Put the model on ``device`` (``"auto"``: CUDA when present, else the CPU) and
+        return where it is (``"cpu"``, ``"cuda"``). Where the framework places variables
+        itself (JAX), a ``ValueError`` when it does not place them on ``device``; the
+        model is unchanged on error.
+        """
+
+    def chain(self, model: Any) -> list[Any] | None:
+        """The model's top-level children in the order its forward applies them, when the
+        forward is exactly their composition (``head(base(x))``); ``None`` when xfer cannot
+        know that. Feature caching splits a model there.
+        """
+
+    def mode_free(self, unit: Unit) -> bool:
+        """Whether the unit's own computation is the same in training and inference mode
+        (a conv, a pooling, a container that only calls its children), as far as the
+        framework's own layer types tell; unknown user layers are not.
+        """
 
     def param_counts(self, unit: Unit) -> tuple[int, int]:
         """Elements of the unit's own parameters: (trainable, frozen)."""

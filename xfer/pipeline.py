@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from xfer import cache as C
 from xfer import data as D
 from xfer import select as S
 from xfer._adapter import Adapter, Unit, find_adapter
@@ -27,6 +28,7 @@ from xfer.state import _check_mode, changed_tensors, frozen_tensors, snapshot
 from xfer.weights import export_weights, import_weights
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+DEVICES = ("auto", "cpu", "cuda")
 LOSSES = ("sparse_categorical_crossentropy",)
 METRICS = ("accuracy",)
 
@@ -146,6 +148,7 @@ class StageRecord:
     kept: int  # tensors that had to stay bit-identical
     changed: list[str]  # those that did not (empty when xfer kept its promise)
     epochs: list[EpochRecord] = dataclasses.field(default_factory=list)
+    cache: str = ""  # where the frozen prefix's features were cached, or "off: why not"
 
     @property
     def loss(self) -> float:
@@ -169,6 +172,7 @@ class History:
 
     backend: str
     stages: list[StageRecord] = dataclasses.field(default_factory=list)
+    device: str = ""
 
     @property
     def ok(self) -> bool:
@@ -194,7 +198,7 @@ class History:
             StageRecord(**{**s, "epochs": [EpochRecord(**e) for e in s["epochs"]]})
             for s in data["stages"]
         ]
-        return cls(data["backend"], stages)
+        return cls(data["backend"], stages, data.get("device", ""))
 
     def __str__(self) -> str:
         header = (
@@ -206,6 +210,7 @@ class History:
             "trainable",
             "frozen",
             "frozen tensors",
+            "features cached",
         )
         rows = []
         for s in self.stages:
@@ -220,8 +225,10 @@ class History:
                 f"{s.n_trainable:,}",
                 f"{s.n_frozen:,}",
                 kept + (f" CHANGED: {', '.join(s.changed[:3])}" if s.changed else ""),
+                s.cache.split(":")[0],
             ))  # fmt: skip
-        return f"{self.backend}\n{table(header, rows)}"
+        where = f" on {self.device}" if self.device else ""
+        return f"{self.backend}{where}\n{table(header, rows)}"
 
 
 def apply_stage(model: Any, stage: Stage, adapter: Adapter | None = None) -> list[Unit]:
@@ -276,6 +283,17 @@ class TransferPipeline:
     after each finished stage, and ``fit(..., resume=True)`` continues from there; see
     :mod:`xfer.checkpoint`.
 
+    With ``cache="auto"`` (the default), a stage that trains only the model's last
+    top-level child (the head) behind a frozen prefix pinned to inference computes the
+    prefix's outputs once and trains the head on them; ``cache_memory`` bytes of features
+    stay in memory, more go to a temporary file in ``cache_dir``. ``cache="off"`` always
+    runs the whole model. Each stage's record says which it did and why; see
+    :mod:`xfer.cache`.
+
+    ``device="auto"`` trains on CUDA when the framework sees a GPU, else on the CPU
+    (PyTorch: the model is moved there; Keras and JAX place variables themselves, so
+    ``"cpu"``/``"cuda"`` only check that they do). The history records the device.
+
     Example:
         >>> import xfer
         >>> from xfer import select as S
@@ -300,6 +318,10 @@ class TransferPipeline:
         seed: int = 0,
         progress: Callable[[str], None] | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
+        cache: str = "auto",
+        cache_memory: int = C.DEFAULT_MEMORY,
+        cache_dir: str | os.PathLike | None = None,
+        device: str = "auto",
     ):
         self.adapter = find_adapter(model)
         if not stages or not all(isinstance(s, Stage) for s in stages):
@@ -322,6 +344,24 @@ class TransferPipeline:
             raise ValueError(f"Unknown metrics {unknown}: expected some of {METRICS}.")
         if not (isinstance(batch_size, int) and batch_size >= 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if cache not in C.CACHE_SETTINGS:
+            raise ValueError(
+                f"Unknown cache setting {cache!r}: expected one of {', '.join(C.CACHE_SETTINGS)} "
+                "('auto' caches a frozen prefix's features when a stage allows it)."
+            )
+        if isinstance(cache_memory, bool) or not isinstance(cache_memory, int) or cache_memory < 0:
+            raise ValueError(
+                f"cache_memory must be a number of bytes >= 0, got {cache_memory!r} "
+                "(0 keeps every cached feature on disk)."
+            )
+        if device not in DEVICES:
+            raise ValueError(
+                f"Unknown device {device!r}: expected one of {', '.join(DEVICES)} ('auto' "
+                "takes CUDA when the framework sees a GPU, else the CPU)."
+            )
+        self.device = device
+        self.cache, self.cache_memory = cache, cache_memory
+        self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         self.model, self.stages = model, list(stages)
         self.optimizer, self.batch_size = optimizer, batch_size
         self.weight_decay, self.seed, self.progress = weight_decay, seed, progress
@@ -353,11 +393,13 @@ class TransferPipeline:
                 "fit(resume=True) needs a checkpoint directory to resume from: pass "
                 "TransferPipeline(..., checkpoint_dir=...)."
             )
+        device = self.adapter.place(self.model, self.device)
         num_classes, in_channels = self._model_shape(train)
         D.check(train, name="train", num_classes=num_classes, in_channels=in_channels)
         if val is not None:
             D.check(val, name="val", num_classes=num_classes, in_channels=in_channels)
         history, start = self._start(resume)
+        history.device = device
         index, saving = start, False
         try:
             for index in range(start, len(self.stages)):
@@ -471,18 +513,48 @@ class TransferPipeline:
         apply_stage(model, stage, adapter)
         units = adapter.units(model)
         groups = [(sorted(sel.paths(units)), lr) for sel, lr in stage.lr_groups]
-        step = adapter.trainer(
-            model,
-            optimizer=stage.optimizer or self.optimizer,
-            lr=stage.lr,
-            weight_decay=self.weight_decay,
-            lr_groups=groups,
-        )
         counts = [adapter.param_counts(u) for u in units]
         keys = frozen_tensors(model)
         before = snapshot(model)
         record = StageRecord(
             stage.name, sum(t for t, _ in counts), sum(f for _, f in counts), len(keys), []
+        )
+        features, record.cache = C.prepare(
+            adapter, model, train, val, setting=self.cache, memory=self.cache_memory,
+            directory=self.cache_dir, progress=self.progress, stage=stage.name,
+        )  # fmt: skip
+        try:
+            trained, train, val_model = model, train, model
+            if features is not None:
+                # Only the last child trains, on its cached inputs; the prefix is constant.
+                trained, train, groups = features.suffix, features.train, features.relative(groups)
+                if features.val is not None:
+                    val_model, val = features.suffix, features.val
+            self._train_epochs(index, stage, trained, train, val_model, val, groups, record)
+        finally:
+            if features is not None:
+                features.close()
+        record.changed = changed_tensors(before, snapshot(model), keys)
+        return record
+
+    def _train_epochs(
+        self,
+        index: int,
+        stage: Stage,
+        trained: Any,
+        train: D.Data,
+        val_model: Any,
+        val: D.Data | None,
+        groups: list[tuple[list[str], float]],
+        record: StageRecord,
+    ) -> None:
+        adapter, model = self.adapter, self.model
+        step = adapter.trainer(
+            trained,
+            optimizer=stage.optimizer or self.optimizer,
+            lr=stage.lr,
+            weight_decay=self.weight_decay,
+            lr_groups=groups,
         )
         for epoch in range(stage.epochs):
             if self.progress is not None:
@@ -512,11 +584,9 @@ class TransferPipeline:
                 total, seen = total + loss * len(y), seen + len(y)
             val_loss = val_accuracy = None
             if val is not None:
-                val_loss, val_accuracy = evaluate(adapter, model, val)
+                val_loss, val_accuracy = evaluate(adapter, val_model, val)
             record.epochs.append(
                 EpochRecord(
                     epoch + 1, total / seen, val_loss, val_accuracy, time.perf_counter() - start
                 )
             )
-        record.changed = changed_tensors(before, snapshot(model), keys)
-        return record

@@ -1,0 +1,210 @@
+"""Feature caching: a frozen prefix pinned to inference is a pure function of its input, so
+a stage that trains only what comes after it computes the prefix's outputs once and trains
+the rest on them, instead of running the prefix again every epoch.
+
+When a stage caches (``TransferPipeline(cache="auto")``, the default):
+
+- the model is a chain of top-level children (``head(base(x))``: xfer's models, a
+  ``Sequential``, a Keras functional model without branches; see ``Adapter.chain``), and the
+  last child is the only one with anything that trains;
+- every unit before it is frozen and behaves the same in training and inference (pinned to
+  ``"inference"``, or a layer without a mode, like a conv), so its outputs in training are
+  exactly its outputs in inference;
+- the training data are numpy arrays, which xfer batches itself (an iterable of batches
+  may change between epochs, with augmentation say, so it is not cached);
+- the model's own output equals the last child applied to the cached features, checked on
+  a few training images (a model whose forward does more than the chain is not cached).
+
+The features live in memory up to ``cache_memory`` bytes, then in a temporary file on disk
+(``cache_dir``); when the disk has no room either, the stage trains without a cache. The
+batches are the same as without a cache (same seeded order), so the trained weights are
+the uncached run's up to float rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from xfer import data as D
+from xfer._adapter import Adapter, Unit
+
+CACHE_SETTINGS = ("auto", "off")
+DEFAULT_MEMORY = 1 << 30  # bytes of features kept in memory before spilling to disk
+_CHUNK = 256  # images per forward pass of the prefix
+_CHECK = 4  # training images on which the split is checked against the whole model
+
+
+@dataclasses.dataclass
+class Features:
+    """The cached outputs of a stage's frozen prefix, and the part of the model that trains.
+
+    Attributes:
+        suffix: the native child that trains on the features (the model's last child).
+        suffix_path: its unit path; learning-rate groups are made relative to it.
+        train, val: ``(features, labels)``; ``val`` is ``None`` when it is not cached.
+        where: ``"memory"`` or ``"disk"``.
+    """
+
+    suffix: Any
+    suffix_path: str
+    train: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray] | None
+    where: str
+    nbytes: int
+    directory: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.where} ({_size(self.nbytes)})"
+
+    def relative(self, groups: list[tuple[list[str], float]]) -> list[tuple[list[str], float]]:
+        """Learning-rate groups of unit paths, as paths inside the suffix."""
+        prefix = f"{self.suffix_path}."
+        out = []
+        for paths, lr in groups:
+            inside = [
+                "" if p == self.suffix_path else p[len(prefix) :]
+                for p in paths
+                if p == self.suffix_path or p.startswith(prefix)
+            ]
+            if inside:
+                out.append((inside, lr))
+        return out
+
+    def close(self) -> None:
+        """Drop the features (and their file on disk)."""
+        self.train = self.val = None  # type: ignore[assignment]
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+
+
+def prepare(
+    adapter: Adapter,
+    model: Any,
+    train: D.Data,
+    val: D.Data | None,
+    *,
+    setting: str = "auto",
+    memory: int = DEFAULT_MEMORY,
+    directory: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    stage: str = "",
+) -> tuple[Features | None, str]:
+    """Cache the frozen prefix's outputs for the model's current state, when it can be.
+
+    Returns the features (or ``None``) and a line for the history: where they are, or why
+    the stage trains without a cache.
+
+    Example:
+        >>> from xfer import cache
+        >>> features, note = cache.prepare(adapter, model, (x, y), None)   # doctest: +SKIP
+        >>> note                                                           # doctest: +SKIP
+        'memory (40.0 KiB)'
+    """
+    if setting == "off":
+        return None, "off"
+    split = _split(adapter, model, train)
+    if isinstance(split, str):
+        return None, f"off: {split}"
+    prefix, suffix, suffix_path = split
+    x, y = train
+    probe = _forward(adapter, prefix, x[:_CHECK])
+    if not np.allclose(
+        adapter.predict(suffix, probe), adapter.predict(model, x[:_CHECK]), rtol=1e-4, atol=1e-5
+    ):
+        return None, (
+            f"off: the model's output is not {suffix_path!r} applied to the output of the "
+            "children before it, so its forward does more than the chain"
+        )
+    arrays = [("train", train)] + ([("val", val)] if val is not None and D.is_arrays(val) else [])
+    per_image = int(np.prod(probe.shape[1:])) * 4
+    nbytes = sum(len(data[0]) for _, data in arrays) * per_image
+    where, folder = "memory", None
+    if nbytes > memory:
+        folder = tempfile.mkdtemp(prefix="xfer-features-", dir=directory)
+        free = shutil.disk_usage(folder).free
+        if free < nbytes * 1.05:
+            shutil.rmtree(folder, ignore_errors=True)
+            return None, (
+                f"off: the features need {_size(nbytes)}, more than cache_memory "
+                f"({_size(memory)}) and the free disk in {os.path.dirname(folder)} ({_size(free)})"
+            )
+        where = "disk"
+    if progress is not None:
+        images = sum(len(data[0]) for _, data in arrays)
+        progress(f"{stage}: caching the features of {images:,} images ({_size(nbytes)}, {where})")
+    cached = {}
+    try:
+        for name, (images, labels) in arrays:
+            shape = (len(images), *probe.shape[1:])
+            if folder is None:
+                out = np.empty(shape, "float32")
+            else:
+                out = np.lib.format.open_memmap(
+                    os.path.join(folder, f"{name}.npy"), "w+", "float32", shape
+                )
+            for i in range(0, len(images), _CHUNK):
+                out[i : i + _CHUNK] = _forward(adapter, prefix, images[i : i + _CHUNK])
+            cached[name] = (out, labels)
+    except BaseException:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    features = Features(
+        suffix, suffix_path, cached["train"], cached.get("val"), where, nbytes, folder
+    )
+    return features, features.describe()
+
+
+def _split(adapter: Adapter, model: Any, train: D.Data) -> tuple[list, Any, str] | str:
+    """(prefix children, last child, its path), or why the model cannot be split."""
+    if not D.is_arrays(train):
+        return "the training data is an iterable of batches, which may change between epochs"
+    chain = adapter.chain(model)
+    if not chain or len(chain) < 2:
+        return (
+            "the model is not a chain of top-level children that xfer can split (xfer's "
+            "models, a Sequential, a functional model without branches)"
+        )
+    units = adapter.units(model)
+    path_of = {id(u.native): u.path for u in units if "." not in u.path and u.path}
+    if not all(id(child) in path_of for child in chain):
+        return "a top-level child of the model is not a unit xfer can see"
+    paths = [path_of[id(child)] for child in chain]
+    for unit in units:
+        top = unit.path.split(".")[0]
+        if top not in paths[:-1]:
+            continue
+        reason = _not_constant(adapter, unit)
+        if reason:
+            return f"{unit.path!r} {reason}, so {top!r} is not a fixed function of the input"
+    return chain[:-1], chain[-1], paths[-1]
+
+
+def _not_constant(adapter: Adapter, unit: Unit) -> str | None:
+    if adapter.param_counts(unit)[0]:
+        return "trains"
+    if adapter.get_mode(unit) == "inference" or adapter.mode_free(unit):
+        return None
+    return f"behaves differently in training (mode {adapter.get_mode(unit)!r})"
+
+
+def _forward(adapter: Adapter, prefix: list, x: np.ndarray) -> np.ndarray:
+    for child in prefix:
+        x = adapter.predict(child, x)
+    return np.asarray(x, "float32")
+
+
+def _size(nbytes: int) -> str:
+    if nbytes < 1024:
+        return f"{nbytes} B"
+    exponent = min(int(math.log(nbytes, 1024)), 4)
+    return f"{nbytes / 1024**exponent:.1f} {('B', 'KiB', 'MiB', 'GiB', 'TiB')[exponent]}"
