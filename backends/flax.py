@@ -249,6 +249,11 @@ def _pinned_class(base: type, mode: str) -> type:
 
 
 class FlaxAdapter:
+    mixed_precision = (
+        "Flax NNX modules choose their computation dtype when built. Build them with "
+        "dtype=jnp.bfloat16 (parameters stay float32, param_dtype) and train with xfer's "
+        "default precision='float32'."
+    )
     name = "flax"
 
     def units(self, model: nnx.Module) -> list[Unit]:
@@ -388,7 +393,20 @@ class FlaxAdapter:
             losses.append(total / len(ys))
         return losses
 
-    def trainer(self, model, *, optimizer, lr, weight_decay, lr_groups):
+    def trainer(
+        self,
+        model,
+        *,
+        optimizer,
+        lr,
+        weight_decay,
+        lr_groups,
+        precision="float32",
+        compile_step=False,
+    ):
+        # The step is nnx.jit-compiled whatever ``compile_step`` says.
+        if precision != "float32":
+            raise ValueError(f"precision={precision!r}: {self.mixed_precision}")
         tx = _OPTIMIZERS[optimizer](lr, weight_decay)
         if lr_groups:
             # One transformation per learning rate, chosen per parameter by its unit path.

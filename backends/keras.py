@@ -231,6 +231,11 @@ def _scale_learning_rates(optimizer, factors: dict[int, float]) -> None:
 
 
 class KerasAdapter:
+    mixed_precision = (
+        "Keras chooses mixed precision when the layers are built. Build the model under "
+        "keras.config.set_dtype_policy('mixed_bfloat16') and train it with xfer's default "
+        "precision='float32'."
+    )
     name = "keras"
 
     def units(self, model) -> list[Unit]:
@@ -366,7 +371,19 @@ class KerasAdapter:
         )  # fmt: skip
         return [float(v) for v in history.history["loss"]]
 
-    def trainer(self, model, *, optimizer, lr, weight_decay, lr_groups):
+    def trainer(
+        self,
+        model,
+        *,
+        optimizer,
+        lr,
+        weight_decay,
+        lr_groups,
+        precision="float32",
+        compile_step=False,
+    ):
+        if precision != "float32":
+            raise ValueError(f"precision={precision!r}: {self.mixed_precision}")
         native = _OPTIMIZERS[optimizer](lr, weight_decay)
         if lr_groups:
             layers = {u.path: u.native for u in self.units(model)}
@@ -380,7 +397,9 @@ class KerasAdapter:
         # Keras's own loop: compile after the xfer calls (Keras collects the trainable
         # variables there), then train_on_batch, which returns that batch's loss.
         model.compile(
-            optimizer=native, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            optimizer=native,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=True if compile_step else "auto",  # "auto": XLA on jax, eager on torch
         )
 
         def step(x: np.ndarray, y: np.ndarray) -> float:

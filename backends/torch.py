@@ -115,6 +115,7 @@ def _apply_pin(module: nn.Module, args) -> None:
 
 
 class TorchAdapter:
+    mixed_precision = None  # autocast applies it to any model
     name = "torch"
 
     def units(self, model: nn.Module) -> list[Unit]:
@@ -253,7 +254,17 @@ class TorchAdapter:
             losses.append(total / len(ys))
         return losses
 
-    def trainer(self, model, *, optimizer, lr, weight_decay, lr_groups):
+    def trainer(
+        self,
+        model,
+        *,
+        optimizer,
+        lr,
+        weight_decay,
+        lr_groups,
+        precision="float32",
+        compile_step=False,
+    ):
         # An optimizer over exactly the trainable parameters (frozen ones get no state),
         # one parameter group per learning rate.
         modules = dict(model.named_modules())
@@ -265,13 +276,17 @@ class TorchAdapter:
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in grouped]
         groups = [g for g in [{"params": rest, "lr": lr}, *groups] if g["params"]]
         opt = _OPTIMIZERS[optimizer](groups, lr, weight_decay)
-        device = next(model.parameters()).device
+        device = _device(model)
+        forward = torch.compile(model) if compile_step else model  # shares the parameters
+        # Mixed precision the PyTorch way: autocast the forward pass, parameters in float32.
+        autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bfloat16")
 
         def step(x: np.ndarray, y: np.ndarray) -> float:
             model.train()
             opt.zero_grad()
             target = torch.from_numpy(np.asarray(y)).long().to(device)
-            loss = nn.functional.cross_entropy(model(_to_tensor(x, device)), target)
+            with autocast:
+                loss = nn.functional.cross_entropy(forward(_to_tensor(x, device)), target)
             loss.backward()
             opt.step()
             return loss.item()

@@ -144,33 +144,3 @@ def test_keras_a_functional_model_with_a_branch_is_not_cached(kit):
     branched = keras.Model(inputs, keras.layers.Add()([head(features), head(features)]))
     history = xfer.TransferPipeline(branched, _stages()[:1], batch_size=8).fit(data(16))
     assert history.stages[0].cache.startswith("off: the model is not a chain")
-
-
-def test_device_auto_trains_where_the_framework_computes_and_says_so(kit):
-    _, history = _fit(kit, "auto", stages=_stages()[:1], device="auto")
-    expected = "cuda" if _gpu(kit) else "cpu"
-    assert history.device == expected and str(history).startswith(f"{kit.id.split('-')[0]} on")
-
-
-def test_a_device_that_is_not_there_is_refused_before_training(kit):
-    if kit.id == "torch" and _gpu(kit):
-        pytest.skip("PyTorch moves the model to either device")
-    model = kit.model(seed=3)
-    before = xfer.export_weights(model)
-    missing = "cpu" if _gpu(kit) else "cuda"
-    with pytest.raises(ValueError, match=f"device='{missing}', but"):
-        xfer.TransferPipeline(model, _stages(), device=missing).fit(data(16))
-    after = xfer.export_weights(model)
-    assert all(np.array_equal(before[k], after[k]) for k in before)
-    with pytest.raises(ValueError, match="Unknown device 'gpu'"):
-        xfer.TransferPipeline(model, _stages(), device="gpu")
-
-
-def _gpu(kit) -> bool:
-    if kit.id in ("torch", "keras-torch"):
-        import torch
-
-        return torch.cuda.is_available()
-    import jax
-
-    return jax.default_backend() == "gpu"

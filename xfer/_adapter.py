@@ -58,6 +58,8 @@ class Adapter(Protocol):
     """What each of ``backends/torch.py``, ``backends/keras.py``, ``backends/flax.py`` provides."""
 
     name: str
+    # None when precision="bfloat16" works on any built model; else how the framework does it.
+    mixed_precision: str | None
 
     def units(self, model: Any) -> list[Unit]:
         """Every unit below the root, parents before children, in definition order.
@@ -122,10 +124,17 @@ class Adapter(Protocol):
         lr: float,
         weight_decay: float,
         lr_groups: list[tuple[list[str], float]],
+        precision: str = "float32",
+        compile_step: bool = False,
     ) -> Callable[[np.ndarray, np.ndarray], float]:
         """A training step for ``model`` as it is now: the framework's optimizer
         (``sgd``, ``momentum``, ``adam``, ``adamw``) over exactly the trainable parameters,
         with ``lr`` except for the units of each ``lr_groups`` entry (unit paths, lr).
+
+        ``precision="bfloat16"``: mixed precision (parameters stay float32), or a
+        ``ValueError`` saying how the framework does it; ``compile_step``: the framework's
+        optional compiler (``torch.compile``, Keras ``jit_compile=True``), where steps are
+        not compiled anyway.
 
         The step takes a batch (channels-last images, integer labels), runs the framework's
         training mode, mean softmax cross-entropy on logits, one update, and returns the loss

@@ -29,6 +29,7 @@ from xfer.weights import export_weights, import_weights
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("float32", "bfloat16")
 LOSSES = ("sparse_categorical_crossentropy",)
 METRICS = ("accuracy",)
 
@@ -293,6 +294,10 @@ class TransferPipeline:
     ``device="auto"`` trains on CUDA when the framework sees a GPU, else on the CPU
     (PyTorch: the model is moved there; Keras and JAX place variables themselves, so
     ``"cpu"``/``"cuda"`` only check that they do). The history records the device.
+    ``precision="bfloat16"`` is mixed precision where the framework applies it to a built
+    model (PyTorch autocast; Keras and Flax choose it when the layers are built, and say
+    so), and ``compile_step=True`` turns on the framework's optional compiler
+    (``torch.compile``; Keras ``jit_compile=True``; Flax steps are always ``nnx.jit``).
 
     Example:
         >>> import xfer
@@ -322,6 +327,8 @@ class TransferPipeline:
         cache_memory: int = C.DEFAULT_MEMORY,
         cache_dir: str | os.PathLike | None = None,
         device: str = "auto",
+        precision: str = "float32",
+        compile_step: bool = False,
     ):
         self.adapter = find_adapter(model)
         if not stages or not all(isinstance(s, Stage) for s in stages):
@@ -359,7 +366,15 @@ class TransferPipeline:
                 f"Unknown device {device!r}: expected one of {', '.join(DEVICES)} ('auto' "
                 "takes CUDA when the framework sees a GPU, else the CPU)."
             )
-        self.device = device
+        if precision not in PRECISIONS:
+            raise ValueError(
+                f"Unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}."
+            )
+        if precision != "float32" and self.adapter.mixed_precision:
+            raise ValueError(
+                f"precision={precision!r} on {self.adapter.name}: {self.adapter.mixed_precision}"
+            )
+        self.device, self.precision, self.compile_step = device, precision, bool(compile_step)
         self.cache, self.cache_memory = cache, cache_memory
         self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         self.model, self.stages = model, list(stages)
@@ -555,6 +570,8 @@ class TransferPipeline:
             lr=stage.lr,
             weight_decay=self.weight_decay,
             lr_groups=groups,
+            precision=self.precision,
+            compile_step=self.compile_step,
         )
         for epoch in range(stage.epochs):
             if self.progress is not None:

@@ -1,0 +1,90 @@
+"""Training options of the pipeline: where it trains (``device``), mixed precision
+(``precision``) and the framework's optional compiler (``compile_step``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import xfer
+from kits import data
+from xfer import select as S
+
+
+def _stages():
+    return [
+        xfer.Stage("head", train=S.path("head.**"), bn="frozen", mode="inference", lr=0.05),
+        xfer.Stage("finetune", train=S.all(), bn="affine", lr=0.01, epochs=2),
+    ]
+
+
+def _fit(kit, stages=None, **options):
+    model = kit.model(seed=3, dropout=0.0)
+    options = {"optimizer": "adam", "batch_size": 8, **options}
+    history = xfer.TransferPipeline(model, stages or _stages(), **options).fit(
+        data(32), data(12, seed=1)
+    )
+    return model, history
+
+
+def test_device_auto_trains_where_the_framework_computes_and_says_so(kit):
+    _, history = _fit(kit, stages=_stages()[:1], device="auto")
+    expected = "cuda" if _gpu(kit) else "cpu"
+    assert history.device == expected and str(history).startswith(f"{kit.id.split('-')[0]} on")
+
+
+def test_a_device_that_is_not_there_is_refused_before_training(kit):
+    if kit.id == "torch" and _gpu(kit):
+        pytest.skip("PyTorch moves the model to either device")
+    model = kit.model(seed=3)
+    before = xfer.export_weights(model)
+    missing = "cpu" if _gpu(kit) else "cuda"
+    with pytest.raises(ValueError, match=f"device='{missing}', but"):
+        xfer.TransferPipeline(model, _stages(), device=missing).fit(data(16))
+    after = xfer.export_weights(model)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="Unknown device 'gpu'"):
+        xfer.TransferPipeline(model, _stages(), device="gpu")
+
+
+def _gpu(kit) -> bool:
+    if kit.id in ("torch", "keras-torch"):
+        import torch
+
+        return torch.cuda.is_available()
+    import jax
+
+    return jax.default_backend() == "gpu"
+
+
+@pytest.mark.backends("torch")
+def test_torch_bfloat16_autocast_trains_float32_parameters_close_to_float32(kit):
+    plain, plain_history = _fit(kit)
+    mixed, history = _fit(kit, precision="bfloat16")
+    assert history.ok
+    weights = xfer.export_weights(mixed)
+    assert all(w.dtype == np.float32 for w in weights.values())
+    # bfloat16 keeps 8 bits of mantissa: close, not equal.
+    np.testing.assert_allclose(history.losses(), plain_history.losses(), atol=0.05)
+    assert history.losses() != plain_history.losses()
+
+
+@pytest.mark.backends("keras-jax", "keras-torch", "flax")
+def test_mixed_precision_where_it_is_chosen_at_build_time_says_how(kit):
+    with pytest.raises(ValueError, match="precision='bfloat16' on .*when (the layers are )?built"):
+        xfer.TransferPipeline(kit.model(), _stages(), precision="bfloat16")
+    with pytest.raises(ValueError, match="Unknown precision 'float16'"):
+        xfer.TransferPipeline(kit.model(), _stages(), precision="float16")
+
+
+@pytest.mark.backends("torch", "keras-torch")
+def test_compile_step_gives_the_eager_numbers(kit):
+    # torch.compile (Keras on torch: jit_compile=True, which is torch.compile too).
+    stages = [xfer.Stage("all", train=S.all(), bn="train", lr=0.01)]
+    # SGD: Adam would magnify the float noise in the conv biases' (near-zero) gradients.
+    plain, plain_history = _fit(kit, stages, optimizer="momentum")
+    compiled, history = _fit(kit, stages, optimizer="momentum", compile_step=True)
+    np.testing.assert_allclose(history.losses(), plain_history.losses(), rtol=1e-4, atol=1e-5)
+    expected, got = xfer.export_weights(plain), xfer.export_weights(compiled)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-5, err_msg=name)
