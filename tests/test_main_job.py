@@ -68,9 +68,12 @@ def test_xfer_run_pretrains_once_then_transfers_and_reports(kit, tmp_path, monke
     stages = first["history"]["stages"]
     assert [s["name"] for s in stages] == ["head", "finetune"]
     assert all(s["changed"] == [] for s in stages) and stages[0]["kept"] == 8  # base params
-    assert main(args) == 0
+    # The base's BN statistics adapt in the head stage, so nothing is cached.
+    assert stages[0]["cache"].startswith("off: 'base.block1.bn' behaves differently")
+    assert main([*args, "--cache", "off", "--device", "auto"]) == 0
     second = json.loads(capsys.readouterr().out)
-    assert second["pretrained_cached"]
+    assert second["pretrained_cached"] and second["history"]["stages"][0]["cache"] == "off"
+    assert second["history"]["device"] == first["history"]["device"] in ("cpu", "cuda")
     assert [e["loss"] for e in second["history"]["stages"][1]["epochs"]] == [
         e["loss"] for e in stages[1]["epochs"]
     ]  # the same run again: the same numbers

@@ -118,6 +118,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             quick=args.quick,
             checkpoint_dir=args.checkpoint,
             resume=args.resume,
+            cache=args.cache,
+            device=args.device,
         )
     except Interrupted as stop:
         print(f"\n{stop}", file=sys.stderr)  # it says what is saved and how to resume
@@ -278,6 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
             )
             sub.add_argument(
                 "--resume", action="store_true", help="continue the run saved in --checkpoint DIR"
+            )
+            sub.add_argument(
+                "--cache",
+                choices=("auto", "off"),
+                default="auto",
+                help="cache a frozen base's features when a stage allows it (default: auto)",
+            )
+            sub.add_argument(
+                "--device",
+                choices=("auto", "cpu", "cuda"),
+                default="auto",
+                help="auto: CUDA when the framework sees a GPU",
             )
             sub.add_argument(
                 "--backend",

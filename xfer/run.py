@@ -117,6 +117,8 @@ def transfer(
     quick: bool = False,
     checkpoint_dir: str | None = None,
     resume: bool = False,
+    cache: str = "auto",
+    device: str = "auto",
 ) -> tuple[History, Any]:
     """Train from the neutral ``start`` weights (see :func:`start_weights`) on the target
     task with the preset's stages on ``backend``. Returns the history and the model.
@@ -138,6 +140,8 @@ def transfer(
         seed=seed,
         progress=progress,
         checkpoint_dir=checkpoint_dir,
+        cache=cache,
+        device=device,
     )
     return pipe.fit(task.target_train, task.target_val, resume=resume), model
 
@@ -190,6 +194,8 @@ def run(
     quick: bool = False,
     checkpoint_dir: str | None = None,
     resume: bool = False,
+    cache: str = "auto",
+    device: str = "auto",
 ) -> RunResult:
     """Pretrain (or load the cached source model), then transfer. The main job.
 
@@ -214,5 +220,7 @@ def run(
         quick=quick,
         checkpoint_dir=checkpoint_dir,
         resume=resume,
+        cache=cache,
+        device=device,
     )
     return RunResult(backend, preset, bn, cached, source_accuracy, history)
