@@ -408,11 +408,11 @@ class TransferPipeline:
                 "fit(resume=True) needs a checkpoint directory to resume from: pass "
                 "TransferPipeline(..., checkpoint_dir=...)."
             )
-        device = self.adapter.place(self.model, self.device)
         num_classes, in_channels = self._model_shape(train)
         D.check(train, name="train", num_classes=num_classes, in_channels=in_channels)
         if val is not None:
             D.check(val, name="val", num_classes=num_classes, in_channels=in_channels)
+        device = self.adapter.place(self.model, self.device)  # after the checks that refuse
         history, start = self._start(resume)
         history.device = device
         index, saving = start, False
