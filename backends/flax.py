@@ -43,6 +43,7 @@ import optax
 from flax import nnx
 
 from xfer._adapter import Unit
+from xfer.data import inference_chunks
 
 __all__ = [
     "ADAPTER",
@@ -431,10 +432,14 @@ class FlaxAdapter:
 
     def predict(self, model, x) -> np.ndarray:
         model.eval()
-        return np.concatenate([
-            np.asarray(model(jnp.asarray(x[i : i + 256], jnp.float32)))
-            for i in range(0, len(x), 256)
-        ])  # fmt: skip
+        # Compiled, on padded chunks: one compilation per module state instead of one per
+        # operation (eager JAX compiles every new primitive shape).
+        return np.concatenate(
+            [
+                np.asarray(_infer(model, jnp.asarray(c)))[:n]
+                for c, n in inference_chunks(x, pad=True)
+            ]
+        )
 
     def place(self, model: nnx.Module, device: str) -> str:
         # JAX puts arrays on its default device itself.
@@ -477,6 +482,13 @@ def _labels(group_of: dict[str, str], params):
         return group_of.get(".".join(keys[:-1]), "default")
 
     return jax.tree_util.tree_map_with_path(label, params)
+
+
+@nnx.jit
+def _infer(model, x):
+    # The modes are static graph data (pinned subclasses, use_running_average): a change of
+    # state retraces.
+    return model(x)
 
 
 def _cross_entropy(model, x, y):

@@ -30,6 +30,7 @@ import numpy as np
 from keras.src.models.functional import Functional
 
 from xfer._adapter import Unit
+from xfer.data import inference_chunks
 
 L = keras.layers
 _DROPOUTS = (L.Dropout, L.GaussianDropout, L.AlphaDropout)  # SpatialDropout* subclass Dropout
@@ -53,6 +54,32 @@ _MODE_DEPENDENT = tuple(
         "preprocessing.",
     )
 )  # fmt: skip
+
+
+def _eager_inference(model):
+    return lambda x: model(x, training=False)
+
+
+def _compiled_inference(model):
+    """``model(x, training=False)`` under jax.jit, cached on the model per pin state."""
+    import jax
+
+    pins = tuple(
+        (layer.__dict__.get("_xfer_mode"), getattr(layer, "_trainable", None))
+        for layer in model._flatten_layers()
+    )
+    cached = model.__dict__.get("_xfer_inference")
+    if cached is None or cached[0] != pins:
+        variables = list(model.weights)  # a fixed order, whatever the trainable flags
+
+        def forward(values, x):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
+                return model(x, training=False)
+
+        cached = (pins, variables, jax.jit(forward))
+        model.__dict__["_xfer_inference"] = cached  # beside Keras's tracking, like the pins
+    _, variables, compiled = cached
+    return lambda x: compiled([v.value for v in variables], x)
 
 
 def _own_weights(layer) -> list:
@@ -408,11 +435,16 @@ class KerasAdapter:
         return step
 
     def predict(self, model, x) -> np.ndarray:
-        # An eager call rather than model.predict(): a cached predict function would not
-        # see pins changed since it was traced.
-        x = np.asarray(x, "float32")
-        out = [model(x[i : i + 256], training=False) for i in range(0, len(x), 256)]
-        return np.concatenate([keras.ops.convert_to_numpy(o) for o in out])
+        # Not model.predict(): its cached function would not see pins changed since it was
+        # traced. On jax, a function compiled per pin state instead of eager calls (eager
+        # JAX compiles every new primitive shape); on torch, eager calls.
+        jax_engine = keras.backend.backend() == "jax"
+        forward = _compiled_inference(model) if jax_engine else _eager_inference(model)
+        out = [
+            keras.ops.convert_to_numpy(forward(c))[:n]
+            for c, n in inference_chunks(x, pad=jax_engine)
+        ]
+        return np.concatenate(out)
 
     def place(self, model, device: str) -> str:
         # Keras puts every variable on its engine's default device itself.

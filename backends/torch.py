@@ -17,6 +17,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.dropout import _DropoutNd
 
 from xfer._adapter import Unit
+from xfer.data import inference_chunks
 
 _NORMS = (
     nn.LayerNorm,
@@ -297,7 +298,7 @@ class TorchAdapter:
         model.eval()
         device = _device(model)
         with torch.no_grad():
-            out = [model(_to_tensor(x[i : i + 256], device)) for i in range(0, len(x), 256)]
+            out = [model(_to_tensor(c, device)) for c, _ in inference_chunks(x, pad=False)]
         return _channels_last(torch.cat(out).cpu().numpy())
 
     def place(self, model: nn.Module, device: str) -> str:

@@ -12,8 +12,10 @@ When a stage caches (``TransferPipeline(cache="auto")``, the default):
   exactly its outputs in inference;
 - the training data are numpy arrays, which xfer batches itself (an iterable of batches
   may change between epochs, with augmentation say, so it is not cached);
-- the model's own output equals the last child applied to the cached features, checked on
-  a few training images (a model whose forward does more than the chain is not cached).
+- for a user's class that declares its chain (``xfer_chain = ("base", "head")``), the
+  model's own output equals the last child applied to the cached features, checked on a few
+  training images (a forward that does more than the chain is not cached). xfer's models,
+  ``Sequential`` and functional models are chains by construction.
 
 The features live in memory up to ``cache_memory`` bytes, then in a temporary file on disk
 (``cache_dir``); when the disk has no room either, the stage trains without a cache. The
@@ -117,7 +119,7 @@ def prepare(
     prefix, suffix, suffix_path = split
     x, y = train
     probe = _forward(adapter, prefix, x[:_CHECK])
-    if not np.allclose(
+    if _declared(model) and not np.allclose(
         adapter.predict(suffix, probe), adapter.predict(model, x[:_CHECK]), rtol=1e-4, atol=1e-5
     ):
         return None, (
@@ -187,6 +189,12 @@ def _split(adapter: Adapter, model: Any, train: D.Data) -> tuple[list, Any, str]
         if reason:
             return f"{unit.path!r} {reason}, so {top!r} is not a fixed function of the input"
     return chain[:-1], chain[-1], paths[-1]
+
+
+def _declared(model: Any) -> bool:
+    """The chain is the user's claim (a class attribute), not the model's structure."""
+    cls = type(model)
+    return hasattr(cls, "xfer_chain") and not cls.__module__.startswith("xfer.")
 
 
 def _not_constant(adapter: Adapter, unit: Unit) -> str | None:

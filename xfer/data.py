@@ -94,6 +94,29 @@ def batches(
         yield x[index], y[index]
 
 
+PREDICT_CHUNK = 256
+
+
+def inference_chunks(x: np.ndarray, *, pad: bool) -> Iterator[tuple[np.ndarray, int]]:
+    """``x`` in chunks of ``PREDICT_CHUNK`` images for a forward pass in inference mode, each
+    with its number of real images. ``pad``: the last chunk is zero-padded to full size, so
+    a compiled (JAX) forward sees one shape and compiles once; in inference mode every image
+    is computed on its own, so the padding changes no real output.
+
+    Example:
+        >>> import numpy as np
+        >>> [(c.shape[0], n) for c, n in inference_chunks(np.zeros((300, 1)), pad=True)]
+        [(256, 256), (256, 44)]
+    """
+    x = np.asarray(x, "float32")
+    for i in range(0, len(x), PREDICT_CHUNK):
+        chunk = x[i : i + PREDICT_CHUNK]
+        n = len(chunk)
+        if pad and n < PREDICT_CHUNK:
+            chunk = np.concatenate([chunk, np.zeros((PREDICT_CHUNK - n, *x.shape[1:]), x.dtype)])
+        yield chunk, n
+
+
 def arrays(data: Data) -> tuple[np.ndarray, np.ndarray]:
     """All of ``data`` as two arrays (for evaluation)."""
     if is_arrays(data):
