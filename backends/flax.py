@@ -430,6 +430,9 @@ class FlaxAdapter:
 
         return step
 
+    def to_device(self, model, x, y):
+        return jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
+
     def predict(self, model, x) -> np.ndarray:
         model.eval()
         # Compiled, on padded chunks: one compilation per module state instead of one per

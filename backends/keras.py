@@ -429,10 +429,16 @@ class KerasAdapter:
             jit_compile=True if compile_step else "auto",  # "auto": XLA on jax, eager on torch
         )
 
-        def step(x: np.ndarray, y: np.ndarray) -> float:
-            return float(model.train_on_batch(np.asarray(x, "float32"), np.asarray(y)))
+        def step(x, y) -> float:
+            if isinstance(x, np.ndarray):
+                x, y = np.asarray(x, "float32"), np.asarray(y)
+            return float(model.train_on_batch(x, y))
 
         return step
+
+    def to_device(self, model, x, y):
+        convert = keras.ops.convert_to_tensor
+        return convert(np.asarray(x, "float32")), convert(np.asarray(y))
 
     def predict(self, model, x) -> np.ndarray:
         # Not model.predict(): its cached function would not see pins changed since it was

@@ -282,17 +282,22 @@ class TorchAdapter:
         # Mixed precision the PyTorch way: autocast the forward pass, parameters in float32.
         autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bfloat16")
 
-        def step(x: np.ndarray, y: np.ndarray) -> float:
+        def step(x, y) -> float:
             model.train()
             opt.zero_grad()
-            target = torch.from_numpy(np.asarray(y)).long().to(device)
+            if not isinstance(x, torch.Tensor):  # else already on the device (to_device)
+                x, y = self.to_device(model, x, y)
             with autocast:
-                loss = nn.functional.cross_entropy(forward(_to_tensor(x, device)), target)
+                loss = nn.functional.cross_entropy(forward(x), y)
             loss.backward()
             opt.step()
             return loss.item()
 
         return step
+
+    def to_device(self, model, x, y):
+        device = _device(model)
+        return _to_tensor(x, device), torch.from_numpy(np.asarray(y)).long().to(device)
 
     def predict(self, model, x) -> np.ndarray:
         model.eval()

@@ -141,6 +141,11 @@ class Adapter(Protocol):
         computed before the update.
         """
 
+    def to_device(self, model: Any, x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
+        """Images (channels-last) and labels as the framework's arrays on the model's
+        device, in the layout the step takes; indexing them with numpy indices gives batches
+        that a ``trainer`` step accepts as it accepts numpy."""
+
     def predict(self, model: Any, x: np.ndarray) -> np.ndarray:
         """Outputs in the framework's inference mode, for channels-last numpy inputs: the
         logits of a classifier; a feature map comes back channels-last too."""

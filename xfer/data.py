@@ -88,10 +88,20 @@ def batches(
         yield from data
         return
     x, y = data
-    order = np.random.default_rng(list(seed)).permutation(len(x))
-    for i in range(0, len(x), batch_size):
-        index = order[i : i + batch_size]
+    for index in batch_indices(len(x), batch_size, seed):
         yield x[index], y[index]
+
+
+def batch_indices(n: int, batch_size: int, seed: tuple[int, ...]) -> Iterator[np.ndarray]:
+    """The indices of each batch of one epoch of ``n`` examples, shuffled by ``seed``.
+
+    Example:
+        >>> [list(i) for i in batch_indices(3, 2, seed=(0, 0, 0))]
+        [[2, 0], [1]]
+    """
+    order = np.random.default_rng(list(seed)).permutation(n)
+    for i in range(0, n, batch_size):
+        yield order[i : i + batch_size]
 
 
 PREDICT_CHUNK = 256

@@ -573,26 +573,35 @@ class TransferPipeline:
             precision=self.precision,
             compile_step=self.compile_step,
         )
+        # Arrays that fit the memory budget go to the device once, not batch by batch.
+        on_device = None
+        if D.is_arrays(train) and train[0].nbytes <= self.cache_memory:
+            on_device = adapter.to_device(trained, *train)
         for epoch in range(stage.epochs):
             if self.progress is not None:
                 self.progress(EpochProgress(stage.name, epoch + 1, stage.epochs))
             good = export_weights(model)
             start, total, seen = time.perf_counter(), 0.0, 0
-            for i, (x, y) in enumerate(
-                D.batches(train, self.batch_size, (self.seed, index, epoch))
-            ):
+            seed = (self.seed, index, epoch)
+            if on_device is None:
+                batches = D.batches(train, self.batch_size, seed)
+            else:
+                x_all, y_all = on_device
+                batches = (
+                    (x_all[i], y_all[i])
+                    for i in D.batch_indices(len(train[1]), self.batch_size, seed)
+                )
+            for i, (x, y) in enumerate(batches):
                 loss = step(x, y)
                 if not math.isfinite(loss):
                     import_weights(model, good)
-                    if not np.isfinite(np.asarray(x, "float64")).all():
-                        causes = "the batch itself contains NaN or infinite inputs: clean the data"
-                    else:
-                        causes = f"a learning rate too high for this stage (lr={stage.lr})"
-                        if BNPolicy.of(stage.bn or "train").stats == "update":
-                            causes += (
-                                ", or BN statistics updating on small or shifted batches "
-                                f"(bn={stage.bn!r}: try 'frozen' or 'affine')"
-                            )
+                    # The inputs were checked before training: the training itself diverged.
+                    causes = f"a learning rate too high for this stage (lr={stage.lr})"
+                    if BNPolicy.of(stage.bn or "train").stats == "update":
+                        causes += (
+                            ", or BN statistics updating on small or shifted batches "
+                            f"(bn={stage.bn!r}: try 'frozen' or 'affine')"
+                        )
                     raise NonFiniteLoss(
                         f"Stage {stage.name!r}, epoch {epoch + 1}, step {i + 1}: the loss is "
                         f"{loss}. The weights from the start of the epoch are restored. "
