@@ -3,6 +3,7 @@
     nox                      # lint and all four test sessions
     nox -s tests-flax        # one of them
     nox -s tests-torch -- -k adamw   # pytest arguments after --
+    nox -s bench             # benchmarks against each framework's own loop (not by default)
 
 Each session installs only its framework; torch is pinned through constraints.txt
 (a newer torch would pull several GB of CUDA packages). Keras reads KERAS_BACKEND
@@ -74,6 +75,16 @@ def parity(session: nox.Session) -> None:
             "KERAS_HOME": tempfile.mkdtemp(prefix="xfer-keras-"),
         },
     )
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """xfer against each framework's own loop (benchmarks/run_all.py); not in the default run.
+
+    nox -s bench -- --quick          # options after -- go to run_all.py / transfer.py
+    """
+    session.install(*CONSTRAINTS, ".[all]")
+    session.run("python", "benchmarks/run_all.py", *session.posargs)
 
 
 @nox.session

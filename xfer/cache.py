@@ -40,7 +40,6 @@ from xfer._adapter import Adapter, Unit
 
 CACHE_SETTINGS = ("auto", "off")
 DEFAULT_MEMORY = 1 << 30  # bytes of features kept in memory before spilling to disk
-_CHUNK = 256  # images per forward pass of the prefix
 _CHECK = 4  # training images on which the split is checked against the whole model
 
 
@@ -153,8 +152,9 @@ def prepare(
                 out = np.lib.format.open_memmap(
                     os.path.join(folder, f"{name}.npy"), "w+", "float32", shape
                 )
-            for i in range(0, len(images), _CHUNK):
-                out[i : i + _CHUNK] = _forward(adapter, prefix, images[i : i + _CHUNK])
+            step = D.PREDICT_CHUNK  # the chunk predict compiles for on JAX
+            for i in range(0, len(images), step):
+                out[i : i + step] = _forward(adapter, prefix, images[i : i + step])
             cached[name] = (out, labels)
     except BaseException:
         if folder is not None:
