@@ -455,6 +455,10 @@ class FlaxAdapter:
             )
         return actual
 
+    def output_shape(self, model, x) -> tuple[int, ...]:
+        model.eval()
+        return nnx.eval_shape(lambda m, x: m(x), model, jnp.asarray(x, jnp.float32)).shape
+
     def chain(self, model: nnx.Module) -> list[nnx.Module] | None:
         if type(model) is nnx.Sequential:
             return list(model.layers)

@@ -60,8 +60,9 @@ def _eager_inference(model):
     return lambda x: model(x, training=False)
 
 
-def _compiled_inference(model):
-    """``model(x, training=False)`` under jax.jit, cached on the model per pin state."""
+def _inference(model):
+    """(pins, variables, forward, jitted forward): ``model(x, training=False)`` as a pure
+    function of the variables' values, cached on the model per pin state (jax engine)."""
     import jax
 
     pins = tuple(
@@ -76,10 +77,9 @@ def _compiled_inference(model):
             with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
                 return model(x, training=False)
 
-        cached = (pins, variables, jax.jit(forward))
+        cached = (pins, variables, forward, jax.jit(forward))
         model.__dict__["_xfer_inference"] = cached  # beside Keras's tracking, like the pins
-    _, variables, compiled = cached
-    return lambda x: compiled([v.value for v in variables], x)
+    return cached
 
 
 def _own_weights(layer) -> list:
@@ -445,7 +445,11 @@ class KerasAdapter:
         # traced. On jax, a function compiled per pin state instead of eager calls (eager
         # JAX compiles every new primitive shape); on torch, eager calls.
         jax_engine = keras.backend.backend() == "jax"
-        forward = _compiled_inference(model) if jax_engine else _eager_inference(model)
+        if jax_engine:
+            _, variables, _, compiled = _inference(model)
+            forward = lambda x: compiled([v.value for v in variables], x)  # noqa: E731
+        else:
+            forward = _eager_inference(model)
         out = [
             keras.ops.convert_to_numpy(forward(c))[:n]
             for c, n in inference_chunks(x, pad=jax_engine)
@@ -472,6 +476,15 @@ class KerasAdapter:
                 f"({how})."
             )
         return actual
+
+    def output_shape(self, model, x) -> tuple[int, ...]:
+        if keras.backend.backend() != "jax":
+            return self.predict(model, x).shape  # eager torch: as cheap as tracing
+        import jax
+
+        _, variables, forward, _ = _inference(model)
+        values = [v.value for v in variables]
+        return tuple(jax.eval_shape(forward, values, np.asarray(x, "float32")).shape)
 
     def chain(self, model) -> list | None:
         if isinstance(model, keras.Sequential):

@@ -318,6 +318,9 @@ class TorchAdapter:
         model.to(device)
         return device
 
+    def output_shape(self, model, x) -> tuple[int, ...]:
+        return self.predict(model, x).shape  # eager: as cheap as tracing
+
     def chain(self, model: nn.Module) -> list[nn.Module] | None:
         if type(model) is nn.Sequential:
             return list(model.children())

@@ -157,6 +157,10 @@ class Adapter(Protocol):
         model is unchanged on error.
         """
 
+    def output_shape(self, model: Any, x: np.ndarray) -> tuple[int, ...]:
+        """The shape of ``predict(model, x)``, traced abstractly where the framework can
+        (JAX: nothing is compiled or computed); errors as ``predict`` would raise them."""
+
     def chain(self, model: Any) -> list[Any] | None:
         """The model's top-level children in the order its forward applies them, when the
         forward is exactly their composition (``head(base(x))``); ``None`` when xfer cannot

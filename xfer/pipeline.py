@@ -506,20 +506,20 @@ class TransferPipeline:
         )
 
     def _model_shape(self, train: D.Data) -> tuple[int, int]:
-        """(number of classes, input channels), from one forward pass on one image."""
+        """(number of classes, input channels), from the model's output shape on one image."""
         x = D.first_images(train, name="train")
         if x.ndim != 4:
             raise ValueError(
                 f"train: images must be (batch, height, width, channels), got shape {x.shape}."
             )
         try:
-            logits = self.adapter.predict(self.model, np.asarray(x[:1], "float32"))
+            logits = self.adapter.output_shape(self.model, np.asarray(x[:1], "float32"))
         except Exception as error:
             raise ValueError(
                 f"train: the model does not accept images of shape {x.shape[1:]}; they must be "
                 f"channels-last (height, width, channels). The model said: {error}"
             ) from error
-        return int(logits.shape[-1]), int(x.shape[-1])
+        return int(logits[-1]), int(x.shape[-1])
 
     def _run_stage(
         self, index: int, stage: Stage, train: D.Data, val: D.Data | None
