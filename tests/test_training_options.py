@@ -88,3 +88,25 @@ def test_compile_step_gives_the_eager_numbers(kit):
     expected, got = xfer.export_weights(plain), xfer.export_weights(compiled)
     for name in expected:
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_a_step_takes_batches_already_on_the_device(kit):
+    # What the pipeline does on a GPU: the arrays go to the device once, batches are indexed
+    # there with numpy indices, and the step takes them as it takes numpy batches.
+    from xfer._adapter import find_adapter
+
+    x, y = data(16)
+    index = np.arange(16)[::-1].copy()
+    losses = []
+    for on_device in (False, True):
+        model = kit.model(seed=3, dropout=0.0)
+        adapter = find_adapter(model)
+        xfer.pipeline.apply_stage(model, _stages()[1], adapter)
+        step = adapter.trainer(model, optimizer="momentum", lr=0.01, weight_decay=0.0, lr_groups=[])
+        if on_device:
+            x_all, y_all = adapter.to_device(model, x, y)
+            batch = (x_all[index], y_all[index])
+        else:
+            batch = (x[index], y[index])
+        losses.append([step(*batch) for _ in range(2)])
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-6)

@@ -375,6 +375,7 @@ class TransferPipeline:
                 f"precision={precision!r} on {self.adapter.name}: {self.adapter.mixed_precision}"
             )
         self.device, self.precision, self.compile_step = device, precision, bool(compile_step)
+        self._placed = "cpu"  # where fit() put the model
         self.cache, self.cache_memory = cache, cache_memory
         self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         self.model, self.stages = model, list(stages)
@@ -414,7 +415,7 @@ class TransferPipeline:
             D.check(val, name="val", num_classes=num_classes, in_channels=in_channels)
         device = self.adapter.place(self.model, self.device)  # after the checks that refuse
         history, start = self._start(resume)
-        history.device = device
+        history.device = self._placed = device
         index, saving = start, False
         try:
             for index in range(start, len(self.stages)):
@@ -530,7 +531,9 @@ class TransferPipeline:
         groups = [(sorted(sel.paths(units)), lr) for sel, lr in stage.lr_groups]
         counts = [adapter.param_counts(u) for u in units]
         keys = frozen_tensors(model)
-        before = snapshot(model)
+        # Only what must stay bit-identical is kept for the check: a copy of every weight
+        # held through the stage would cost memory the framework's own loop does not use.
+        before = {k: v for k, v in snapshot(model).items() if k in keys}
         record = StageRecord(
             stage.name, sum(t for t, _ in counts), sum(f for _, f in counts), len(keys), []
         )
@@ -573,9 +576,10 @@ class TransferPipeline:
             precision=self.precision,
             compile_step=self.compile_step,
         )
-        # Arrays that fit the memory budget go to the device once, not batch by batch.
+        # On a GPU, arrays that fit the memory budget go there once, not batch by batch (on
+        # the CPU they are there already; a converted copy would only cost memory).
         on_device = None
-        if D.is_arrays(train) and train[0].nbytes <= self.cache_memory:
+        if self._placed != "cpu" and D.is_arrays(train) and train[0].nbytes <= self.cache_memory:
             on_device = adapter.to_device(trained, *train)
         for epoch in range(stage.epochs):
             if self.progress is not None:
