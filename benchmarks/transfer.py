@@ -31,8 +31,9 @@ the numbers they compute (the losses differ from xfer's), hardly the work they d
 Wall time includes compilation (``jax.clear_caches()`` before every timed run, so each pays
 it as a fresh process would); with ``--repeats`` the variants alternate and the minimum is
 kept. Peak memory is measured for each (variant, stage) in a fresh subprocess of this
-script (``--measure-memory``): on CPU the peak RSS above the RSS right before training (the
-peak is reset then through ``/proc/self/clear_refs`` where Linux allows it); on CUDA
+script (``--measure-memory``), after both variants trained a tiny model there (one-time
+allocations of the process are not charged to either): on CPU the peak RSS above the RSS
+right before training (``VmHWM``, reset then through ``/proc/self/clear_refs``); on CUDA
 ``torch.cuda.max_memory_allocated`` (torch engines) or the JAX device's
 ``peak_bytes_in_use`` (JAX engines), above what was in use right before training.
 
