@@ -405,9 +405,8 @@ class FlaxAdapter:
         precision="float32",
         compile_step=False,
     ):
-        # The step is nnx.jit-compiled whatever ``compile_step`` says.
-        if precision != "float32":
-            raise ValueError(f"precision={precision!r}: {self.mixed_precision}")
+        # The step is nnx.jit-compiled whatever ``compile_step`` says; ``precision`` is
+        # always float32 here (the pipeline refuses others, see ``mixed_precision``).
         tx = _OPTIMIZERS[optimizer](lr, weight_decay)
         if lr_groups:
             # One transformation per learning rate, chosen per parameter by its unit path.
@@ -543,7 +542,21 @@ class _Head(nnx.Module):
         return self.dense(self.drop(x))
 
 
-class SmallCNN(nnx.Module):
+class TransferModel(nnx.Module):
+    """``xfer.models.attach_head``'s model: any ``base`` then a :class:`TransferHead` (NHWC);
+    the reference models are built on it too."""
+
+    def __init__(self, base: nnx.Module, head: nnx.Module):
+        self.base = base
+        self.head = head
+
+    xfer_chain = ("base", "head")  # __call__ is head(base(x)): feature caching may split it
+
+    def __call__(self, x):
+        return self.head(self.base(x))
+
+
+class SmallCNN(TransferModel):
     """The reference model: base (two conv-BN-ReLU blocks, dropout, pooling) and head."""
 
     def __init__(
@@ -555,13 +568,8 @@ class SmallCNN(nnx.Module):
         *,
         rngs: nnx.Rngs,
     ):
-        self.base = _Base(in_channels, width, dropout, rngs)
-        self.head = _Head(width, num_classes, dropout, rngs)
-
-    xfer_chain = ("base", "head")  # __call__ is head(base(x)): feature caching may split it
-
-    def __call__(self, x):
-        return self.head(self.base(x))
+        base = _Base(in_channels, width, dropout, rngs)
+        super().__init__(base, _Head(width, num_classes, dropout, rngs))
 
 
 def _output_width(base: nnx.Module, input_shape) -> int:
@@ -614,19 +622,6 @@ class TransferHead(nnx.Module):
 
     def __call__(self, x):
         return self.dense(self.drop(self.pool(x)))
-
-
-class TransferModel(nnx.Module):
-    """``xfer.models.attach_head``'s model: any ``base`` then a :class:`TransferHead` (NHWC)."""
-
-    def __init__(self, base: nnx.Module, head: nnx.Module):
-        self.base = base
-        self.head = head
-
-    xfer_chain = ("base", "head")  # __call__ is head(base(x)): feature caching may split it
-
-    def __call__(self, x):
-        return self.head(self.base(x))
 
 
 ADAPTER = FlaxAdapter()
@@ -744,16 +739,11 @@ class _ResNetHead(nnx.Module):
         return self.dense(x)
 
 
-class ResNet(nnx.Module):
+class ResNet(TransferModel):
     """``xfer.models.resnet``: base (stem, layer1..layer4, pool) and head (dense), NHWC."""
 
     def __init__(
         self, depth: int, num_classes: int, in_channels: int = 3, width: int = 64, *, rngs
     ):
-        self.base = _ResNetBase(depth, in_channels, width, rngs)
-        self.head = _ResNetHead(self.base.features, num_classes, rngs)
-
-    xfer_chain = ("base", "head")  # __call__ is head(base(x)): feature caching may split it
-
-    def __call__(self, x):
-        return self.head(self.base(x))
+        base = _ResNetBase(depth, in_channels, width, rngs)
+        super().__init__(base, _ResNetHead(base.features, num_classes, rngs))

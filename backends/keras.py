@@ -409,8 +409,7 @@ class KerasAdapter:
         precision="float32",
         compile_step=False,
     ):
-        if precision != "float32":
-            raise ValueError(f"precision={precision!r}: {self.mixed_precision}")
+        # ``precision`` is always float32 here (the pipeline refuses others: mixed_precision).
         native = _OPTIMIZERS[optimizer](lr, weight_decay)
         if lr_groups:
             layers = {u.path: u.native for u in self.units(model)}

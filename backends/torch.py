@@ -413,20 +413,31 @@ class _Head(nn.Module):
         return self.dense(self.drop(x))
 
 
-class SmallCNN(nn.Module):
-    """The reference model: base (two conv-BN-ReLU blocks, dropout, pooling) and head."""
+class TransferModel(nn.Module):
+    """``xfer.models.attach_head``'s model: any ``base`` then a :class:`TransferHead`; the
+    reference models are built on it too.
 
-    def __init__(
-        self, num_classes: int, in_channels: int = 3, width: int = 8, dropout: float = 0.2
-    ):
+    ``forward`` takes NCHW tensors, like the base.
+    """
+
+    def __init__(self, base: nn.Module, head: nn.Module):
         super().__init__()
-        self.base = _Base(in_channels, width, dropout)
-        self.head = _Head(width, num_classes, dropout)
+        self.base = base
+        self.head = head
 
     xfer_chain = ("base", "head")  # forward is head(base(x)): feature caching may split it
 
     def forward(self, x):
         return self.head(self.base(x))
+
+
+class SmallCNN(TransferModel):
+    """The reference model: base (two conv-BN-ReLU blocks, dropout, pooling) and head."""
+
+    def __init__(
+        self, num_classes: int, in_channels: int = 3, width: int = 8, dropout: float = 0.2
+    ):
+        super().__init__(_Base(in_channels, width, dropout), _Head(width, num_classes, dropout))
 
 
 def _output_width(base: nn.Module, input_shape, reference) -> int:
@@ -485,23 +496,6 @@ class TransferHead(nn.Module):
 
     def forward(self, x):
         return self.dense(self.drop(self.pool(x)))
-
-
-class TransferModel(nn.Module):
-    """``xfer.models.attach_head``'s model: any ``base`` then a :class:`TransferHead`.
-
-    ``forward`` takes NCHW tensors, like the base.
-    """
-
-    def __init__(self, base: nn.Module, head: nn.Module):
-        super().__init__()
-        self.base = base
-        self.head = head
-
-    xfer_chain = ("base", "head")  # forward is head(base(x)): feature caching may split it
-
-    def forward(self, x):
-        return self.head(self.base(x))
 
 
 ADAPTER = TorchAdapter()
@@ -614,15 +608,9 @@ class _ResNetHead(nn.Module):
         return self.dense(x)
 
 
-class ResNet(nn.Module):
+class ResNet(TransferModel):
     """``xfer.models.resnet``: base (stem, layer1..layer4, pool) and head (dense), NCHW."""
 
     def __init__(self, depth: int, num_classes: int, in_channels: int = 3, width: int = 64):
-        super().__init__()
-        self.base = _ResNetBase(depth, in_channels, width)
-        self.head = _ResNetHead(self.base.features, num_classes)
-
-    xfer_chain = ("base", "head")  # forward is head(base(x)): feature caching may split it
-
-    def forward(self, x):
-        return self.head(self.base(x))
+        base = _ResNetBase(depth, in_channels, width)
+        super().__init__(base, _ResNetHead(base.features, num_classes))

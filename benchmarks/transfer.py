@@ -151,6 +151,20 @@ def make_data(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
     return x, y.astype("int64")
 
 
+def build_resnet(backend: str, args, weights=None, device=None):
+    """The benchmark's model on ``backend``, with the shared start weights when given."""
+    import xfer
+
+    model = xfer.models.resnet(
+        args.depth, NUM_CLASSES, 3, width=args.width, seed=0, backend=backend
+    )
+    if device is not None:
+        model.to(device)
+    if weights is not None:
+        xfer.import_weights(model, weights)
+    return model
+
+
 # --- The native loops, one class per framework ----------------------------------------------
 
 
@@ -169,15 +183,8 @@ class TorchBench:
         return f"cpu ({self.torch.get_num_threads()} torch threads)"
 
     def build(self, args, weights=None):
-        import xfer
-
-        model = xfer.models.resnet(
-            args.depth, NUM_CLASSES, 3, width=args.width, seed=0, backend="torch"
-        )
-        model.to(self.device)
-        if weights is not None:
-            xfer.import_weights(model, weights)
-        return model
+        # On the device first, as the tutorial does; the weights are assigned in place.
+        return build_resnet("torch", args, weights, device=self.device)
 
     def dataset(self, x, y):
         """The tutorial's data: a dataset of NCHW tensors (made before the clock starts, as
@@ -253,14 +260,7 @@ class KerasBench:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def build(self, args, weights=None):
-        import xfer
-
-        model = xfer.models.resnet(
-            args.depth, NUM_CLASSES, 3, width=args.width, seed=0, backend="keras"
-        )
-        if weights is not None:
-            xfer.import_weights(model, weights)
-        return model
+        return build_resnet("keras", args, weights)
 
     def dataset(self, x, y):
         return x, y
@@ -362,14 +362,7 @@ class FlaxBench:
         return str(self.jax.devices()[0].platform)
 
     def build(self, args, weights=None):
-        import xfer
-
-        model = xfer.models.resnet(
-            args.depth, NUM_CLASSES, 3, width=args.width, seed=0, backend="flax"
-        )
-        if weights is not None:
-            xfer.import_weights(model, weights)
-        return model
+        return build_resnet("flax", args, weights)
 
     def dataset(self, x, y):
         return x, y

@@ -131,8 +131,8 @@ class Adapter(Protocol):
         (``sgd``, ``momentum``, ``adam``, ``adamw``) over exactly the trainable parameters,
         with ``lr`` except for the units of each ``lr_groups`` entry (unit paths, lr).
 
-        ``precision="bfloat16"``: mixed precision (parameters stay float32), or a
-        ``ValueError`` saying how the framework does it; ``compile_step``: the framework's
+        ``precision="bfloat16"``: mixed precision (parameters stay float32); asked only of
+        an adapter whose ``mixed_precision`` is ``None``; ``compile_step``: the framework's
         optional compiler (``torch.compile``, Keras ``jit_compile=True``), where steps are
         not compiled anyway.
 
