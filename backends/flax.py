@@ -43,7 +43,7 @@ import optax
 from flax import nnx
 
 from xfer._adapter import Unit
-from xfer.data import inference_chunks
+from xfer.data import PREDICT_CHUNK, inference_chunks
 
 __all__ = [
     "ADAPTER",
@@ -309,14 +309,11 @@ class FlaxAdapter:
             if name in vars(module):
                 setattr(module, name, mode == "inference")
 
-    def snapshot(self, model: nnx.Module) -> dict[str, np.ndarray]:
-        out = {}
+    def tensors(self, model: nnx.Module):
         for path, module, _ in _walk(model):
             for key, variable in _own_variables(module):
                 if _is_param(variable) or isinstance(variable, nnx.BatchStat):
-                    name = f"{path}.{key}" if path else key
-                    out[name] = np.array(variable.get_value(), copy=True)
-        return out
+                    yield (f"{path}.{key}" if path else key), np.asarray(variable.get_value())
 
     def _neutral_variables(self, model: nnx.Module):
         seen = set()
@@ -329,11 +326,9 @@ class FlaxAdapter:
                     role = roles.get(key, key)
                     yield (f"{path}.{role}" if path else role), variable
 
-    def export_weights(self, model: nnx.Module) -> dict[str, np.ndarray]:
-        return {
-            key: np.array(variable.get_value(), copy=True)
-            for key, variable in self._neutral_variables(model)
-        }
+    def weight_arrays(self, model: nnx.Module):
+        for key, variable in self._neutral_variables(model):
+            yield key, np.asarray(variable.get_value())
 
     def assign_weights(self, model: nnx.Module, weights: dict[str, np.ndarray]) -> None:
         planned = []
@@ -419,29 +414,34 @@ class FlaxAdapter:
             tx = optax.multi_transform(transforms, functools.partial(_labels, group_of))
         # The Flax docs loop: an Optimizer over nnx.Param (frozen parameters are not
         # Params, so they get no optimizer state), model.train(), a jitted step.
-        opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        # Built compiled: eagerly, each zeros_like of the optimizer state compiles on its own.
+        opt = nnx.jit(lambda m: nnx.Optimizer(m, tx, wrt=nnx.Param))(model)
 
         def step(x: np.ndarray, y: np.ndarray) -> float:
             model.train()
-            return float(
-                _train_step(model, opt, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32))
-            )
+            if isinstance(x, np.ndarray):
+                # Converted on the host: jnp.asarray(labels, int32) compiles a conversion.
+                x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
+            return float(_train_step(model, opt, x, y))
 
         return step
 
     def to_device(self, model, x, y):
         return jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
 
-    def predict(self, model, x) -> np.ndarray:
+    def predict(self, model, x, *, batch_size=PREDICT_CHUNK) -> np.ndarray:
         model.eval()
         # Compiled, on padded chunks: one compilation per module state instead of one per
-        # operation (eager JAX compiles every new primitive shape).
-        return np.concatenate(
-            [
-                np.asarray(_infer(model, jnp.asarray(c)))[:n]
-                for c, n in inference_chunks(x, pad=True)
-            ]
-        )
+        # operation (eager JAX compiles every new primitive shape). The model is split once
+        # (Flax's functional API), not by nnx.jit on every chunk: that walk of the module
+        # graph cost as much as a ResNet-18's forward on 32 small images.
+        graphdef, rngs, rest = nnx.split(model, nnx.RngState, ...)
+        out = []
+        for c, n in inference_chunks(x, pad=True, size=batch_size):
+            logits, rngs = _infer(graphdef, rngs, rest, jnp.asarray(c))
+            out.append(np.asarray(logits)[:n])
+        nnx.update(model, rngs)  # a Dropout pinned to training draws new masks next time
+        return np.concatenate(out)
 
     def place(self, model: nnx.Module, device: str) -> str:
         # JAX puts arrays on its default device itself.
@@ -490,11 +490,12 @@ def _labels(group_of: dict[str, str], params):
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-@nnx.jit
-def _infer(model, x):
+@functools.partial(jax.jit, static_argnums=0)
+def _infer(graphdef, rngs, rest, x):
     # The modes are static graph data (pinned subclasses, use_running_average): a change of
-    # state retraces.
-    return model(x)
+    # state is another graphdef, which retraces. Only the RNG state changes in inference.
+    model = nnx.merge(graphdef, rngs, rest)
+    return model(x), nnx.state(model, nnx.RngState)
 
 
 def _cross_entropy(model, x, y):

@@ -30,7 +30,7 @@ import numpy as np
 from keras.src.models.functional import Functional
 
 from xfer._adapter import Unit
-from xfer.data import inference_chunks
+from xfer.data import PREDICT_CHUNK, inference_chunks
 
 L = keras.layers
 _DROPOUTS = (L.Dropout, L.GaussianDropout, L.AlphaDropout)  # SpatialDropout* subclass Dropout
@@ -57,7 +57,14 @@ _MODE_DEPENDENT = tuple(
 
 
 def _eager_inference(model):
-    return lambda x: model(x, training=False)
+    import torch
+
+    def forward(x):
+        # As Keras's own predict_step on torch: no autograd graph through trainable layers.
+        with torch.no_grad():
+            return model(x, training=False)
+
+    return forward
 
 
 def _inference(model):
@@ -439,7 +446,7 @@ class KerasAdapter:
         convert = keras.ops.convert_to_tensor
         return convert(np.asarray(x, "float32")), convert(np.asarray(y))
 
-    def predict(self, model, x) -> np.ndarray:
+    def predict(self, model, x, *, batch_size=PREDICT_CHUNK) -> np.ndarray:
         # Not model.predict(): its cached function would not see pins changed since it was
         # traced. On jax, a function compiled per pin state instead of eager calls (eager
         # JAX compiles every new primitive shape); on torch, eager calls.
@@ -451,7 +458,7 @@ class KerasAdapter:
             forward = _eager_inference(model)
         out = [
             keras.ops.convert_to_numpy(forward(c))[:n]
-            for c, n in inference_chunks(x, pad=jax_engine)
+            for c, n in inference_chunks(x, pad=jax_engine, size=batch_size)
         ]
         return np.concatenate(out)
 
@@ -544,15 +551,13 @@ class KerasAdapter:
             return
         _install_pin(layer, None if mode == "inherit" else mode)
 
-    def snapshot(self, model) -> dict[str, np.ndarray]:
-        out = {}
+    def tensors(self, model):
         units = self.units(model)
         root = [] if any(u.path == "" for u in units) else [("", model)]
         for path, layer in [*root, *((u.path, u.native) for u in units)]:
             for v in _own_weights(layer):
                 key = f"{path}.{v.name}" if path else v.name
-                out[key] = np.array(keras.ops.convert_to_numpy(v.value), copy=True)
-        return out
+                yield key, keras.ops.convert_to_numpy(v.value)
 
     def _neutral_variables(self, model):
         # Keras's own names and layouts are the neutral ones (DepthwiseConv's (*k, in,
@@ -567,11 +572,9 @@ class KerasAdapter:
                     seen.add(id(v))
                     yield (f"{path}.{v.name}" if path else v.name), v
 
-    def export_weights(self, model) -> dict[str, np.ndarray]:
-        return {
-            key: np.array(keras.ops.convert_to_numpy(v.value), copy=True)
-            for key, v in self._neutral_variables(model)
-        }
+    def weight_arrays(self, model):
+        for key, v in self._neutral_variables(model):
+            yield key, keras.ops.convert_to_numpy(v.value)
 
     def assign_weights(self, model, weights: dict[str, np.ndarray]) -> None:
         # v.assign keeps the variable object, its trainable flag and its device.

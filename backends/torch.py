@@ -17,7 +17,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.dropout import _DropoutNd
 
 from xfer._adapter import Unit
-from xfer.data import inference_chunks
+from xfer.data import PREDICT_CHUNK, inference_chunks
 
 _NORMS = (
     nn.LayerNorm,
@@ -172,18 +172,14 @@ class TorchAdapter:
         if not registered:
             module.register_forward_pre_hook(_apply_pin)
 
-    def snapshot(self, model: nn.Module) -> dict[str, np.ndarray]:
-        out = {}
+    def tensors(self, model: nn.Module):
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            out[name] = tensor.detach().cpu().numpy().copy()
-        return out
+            yield name, tensor.detach().cpu().numpy()
 
-    def export_weights(self, model: nn.Module) -> dict[str, np.ndarray]:
-        out = {}
+    def weight_arrays(self, model: nn.Module):
         for key, tensor, perm in _neutral_variables(model):
             array = _numpy(tensor)
-            out[key] = np.ascontiguousarray(array.transpose(perm)) if perm else array.copy()
-        return out
+            yield key, (array.transpose(perm) if perm else array)
 
     def assign_weights(self, model: nn.Module, weights: dict[str, np.ndarray]) -> None:
         # Everything converted first, then copied: a conversion error assigns nothing.
@@ -299,11 +295,12 @@ class TorchAdapter:
         device = _device(model)
         return _to_tensor(x, device), torch.from_numpy(np.asarray(y)).long().to(device)
 
-    def predict(self, model, x) -> np.ndarray:
+    def predict(self, model, x, *, batch_size=PREDICT_CHUNK) -> np.ndarray:
         model.eval()
         device = _device(model)
+        chunks = inference_chunks(x, pad=False, size=batch_size)
         with torch.no_grad():
-            out = [model(_to_tensor(c, device)) for c, _ in inference_chunks(x, pad=False)]
+            out = [model(_to_tensor(c, device)) for c, _ in chunks]
         return _channels_last(torch.cat(out).cpu().numpy())
 
     def place(self, model: nn.Module, device: str) -> str:

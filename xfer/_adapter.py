@@ -15,10 +15,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
+
+from xfer.data import PREDICT_CHUNK
 
 Mode = Literal["train", "inference", "inherit"]
 MODES: tuple[str, ...] = ("train", "inference", "inherit")
@@ -146,9 +148,10 @@ class Adapter(Protocol):
         device, in the layout the step takes; indexing them with numpy indices gives batches
         that a ``trainer`` step accepts as it accepts numpy."""
 
-    def predict(self, model: Any, x: np.ndarray) -> np.ndarray:
+    def predict(self, model: Any, x: np.ndarray, *, batch_size: int = PREDICT_CHUNK) -> np.ndarray:
         """Outputs in the framework's inference mode, for channels-last numpy inputs: the
-        logits of a classifier; a feature map comes back channels-last too."""
+        logits of a classifier; a feature map comes back channels-last too. The forward
+        runs on ``batch_size`` images at a time (``xfer.data.inference_chunks``)."""
 
     def place(self, model: Any, device: str) -> str:
         """Put the model on ``device`` (``"auto"``: CUDA when present, else the CPU) and
@@ -185,11 +188,15 @@ class Adapter(Protocol):
     def set_mode(self, unit: Unit, mode: Mode) -> None:
         """Pin the unit's own computation to a mode that survives the framework's switches."""
 
-    def snapshot(self, model: Any) -> dict[str, np.ndarray]:
-        """Every parameter and BN statistic as numpy, keyed ``<unit path>.<native name>``."""
+    def tensors(self, model: Any) -> Iterator[tuple[str, np.ndarray]]:
+        """Every parameter and BN statistic as numpy, keyed ``<unit path>.<native name>``,
+        one at a time. An array may share memory with the model: use it before the model
+        changes, or copy it (``xfer.snapshot`` does)."""
 
-    def export_weights(self, model: Any) -> dict[str, np.ndarray]:
-        """Every parameter and BN statistic as numpy copies in the neutral layout.
+    def weight_arrays(self, model: Any) -> Iterator[tuple[str, np.ndarray]]:
+        """Every parameter and BN statistic as numpy in the neutral layout, one at a time;
+        an array may share memory with the model, as in ``tensors`` (``xfer.export_weights``
+        copies).
 
         Keys ``<unit path>.<role>`` with Keras's role names (``kernel``, ``bias``, ``gamma``,
         ``beta``, ``moving_mean``, ``moving_variance``); conv kernels ``(*spatial, in,
@@ -201,7 +208,7 @@ class Adapter(Protocol):
         """Assign values in the neutral layout, converted back to the native one, in place.
 
         Called only after ``xfer.weights`` checked that ``weights`` has exactly the names,
-        shapes and dtypes of ``export_weights(model)``. Variable objects, their types,
+        shapes and dtypes of ``weight_arrays(model)``. Variable objects, their types,
         devices and trainable flags stay as they are.
         """
 

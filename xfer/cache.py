@@ -41,6 +41,7 @@ from xfer._adapter import Adapter, Unit
 CACHE_SETTINGS = ("auto", "off")
 DEFAULT_MEMORY = 1 << 30  # bytes of features kept in memory before spilling to disk
 _CHECK = 4  # training images on which the split is checked against the whole model
+_BATCHES_PER_CALL = 8  # batches of features computed per call to the prefix
 
 
 @dataclasses.dataclass
@@ -96,11 +97,14 @@ def prepare(
     setting: str = "auto",
     memory: int = DEFAULT_MEMORY,
     directory: str | None = None,
+    batch_size: int = D.PREDICT_CHUNK,
     progress: Callable[[str], None] | None = None,
     stage: str = "",
 ) -> tuple[Features | None, str]:
     """Cache the frozen prefix's outputs for the model's current state, when it can be.
 
+    The prefix runs on ``batch_size`` images at a time: with the training batch size, the
+    pass needs no more memory for activations than one training step's forward.
     Returns the features (or ``None``) and a line for the history: where they are, or why
     the stage trains without a cache.
 
@@ -117,9 +121,12 @@ def prepare(
         return None, f"off: {split}"
     prefix, suffix, suffix_path = split
     x, y = train
-    probe = _forward(adapter, prefix, x[:_CHECK])
+    probe = _forward(adapter, prefix, x[:_CHECK], batch_size)
     if _declared(model) and not np.allclose(
-        adapter.predict(suffix, probe), adapter.predict(model, x[:_CHECK]), rtol=1e-4, atol=1e-5
+        adapter.predict(suffix, probe, batch_size=batch_size),
+        adapter.predict(model, x[:_CHECK], batch_size=batch_size),
+        rtol=1e-4,
+        atol=1e-5,
     ):
         return None, (
             f"off: the model's output is not {suffix_path!r} applied to the output of the "
@@ -152,9 +159,11 @@ def prepare(
                 out = np.lib.format.open_memmap(
                     os.path.join(folder, f"{name}.npy"), "w+", "float32", shape
                 )
-            step = D.PREDICT_CHUNK  # the chunk predict compiles for on JAX
-            for i in range(0, len(images), step):
-                out[i : i + step] = _forward(adapter, prefix, images[i : i + step])
+            # A few batches per call: fewer calls, each with its own overhead (converting,
+            # walking a Flax module graph), and little memory for their outputs.
+            rows = _BATCHES_PER_CALL * batch_size
+            for i in range(0, len(images), rows):
+                out[i : i + rows] = _forward(adapter, prefix, images[i : i + rows], batch_size)
             cached[name] = (out, labels)
     except BaseException:
         if folder is not None:
@@ -205,9 +214,9 @@ def _not_constant(adapter: Adapter, unit: Unit) -> str | None:
     return f"behaves differently in training (mode {adapter.get_mode(unit)!r})"
 
 
-def _forward(adapter: Adapter, prefix: list, x: np.ndarray) -> np.ndarray:
+def _forward(adapter: Adapter, prefix: list, x: np.ndarray, batch_size: int) -> np.ndarray:
     for child in prefix:
-        x = adapter.predict(child, x)
+        x = adapter.predict(child, x, batch_size=batch_size)
     return np.asarray(x, "float32")
 
 

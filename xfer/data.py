@@ -107,10 +107,12 @@ def batch_indices(n: int, batch_size: int, seed: tuple[int, ...]) -> Iterator[np
 PREDICT_CHUNK = 256
 
 
-def inference_chunks(x: np.ndarray, *, pad: bool) -> Iterator[tuple[np.ndarray, int]]:
-    """``x`` in chunks of ``PREDICT_CHUNK`` images for a forward pass in inference mode, each
-    with its number of real images. ``pad``: the last chunk is zero-padded to full size, so
-    a compiled (JAX) forward sees one shape and compiles once; in inference mode every image
+def inference_chunks(
+    x: np.ndarray, *, pad: bool, size: int = PREDICT_CHUNK
+) -> Iterator[tuple[np.ndarray, int]]:
+    """``x`` in chunks of ``size`` images for a forward pass in inference mode, each with its
+    number of real images. ``pad``: the last chunk is zero-padded to full size, so a
+    compiled (JAX) forward sees one shape and compiles once; in inference mode every image
     is computed on its own, so the padding changes no real output.
 
     Example:
@@ -118,12 +120,14 @@ def inference_chunks(x: np.ndarray, *, pad: bool) -> Iterator[tuple[np.ndarray, 
         >>> [(c.shape[0], n) for c, n in inference_chunks(np.zeros((300, 1)), pad=True)]
         [(256, 256), (256, 44)]
     """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"batch_size must be a positive int (images per forward), got {size!r}.")
     x = np.asarray(x, "float32")
-    for i in range(0, len(x), PREDICT_CHUNK):
-        chunk = x[i : i + PREDICT_CHUNK]
+    for i in range(0, len(x), size):
+        chunk = x[i : i + size]
         n = len(chunk)
-        if pad and n < PREDICT_CHUNK:
-            chunk = np.concatenate([chunk, np.zeros((PREDICT_CHUNK - n, *x.shape[1:]), x.dtype)])
+        if pad and n < size:
+            chunk = np.concatenate([chunk, np.zeros((size - n, *x.shape[1:]), x.dtype)])
         yield chunk, n
 
 

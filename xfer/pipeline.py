@@ -24,8 +24,8 @@ from xfer._adapter import Adapter, Unit, find_adapter
 from xfer._table import table
 from xfer.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from xfer.policy import BNPolicy
-from xfer.state import _check_mode, changed_tensors, frozen_tensors, snapshot
-from xfer.weights import export_weights, import_weights
+from xfer.rollback import Rollback
+from xfer.state import _check_mode, fingerprints, frozen_tensors
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
@@ -261,16 +261,18 @@ def apply_stage(model: Any, stage: Stage, adapter: Adapter | None = None) -> lis
     return [u for u in units if u.path in chosen]
 
 
-def evaluate(adapter: Adapter, model: Any, data: D.Data) -> tuple[float, float]:
+def evaluate(
+    adapter: Adapter, model: Any, data: D.Data, *, batch_size: int = D.PREDICT_CHUNK
+) -> tuple[float, float]:
     """Mean softmax cross-entropy and accuracy in inference mode, computed the same way
-    for every backend from the logits.
+    for every backend from the logits, ``batch_size`` images per forward pass.
 
     Example:
         >>> from xfer.pipeline import evaluate
         >>> loss, accuracy = evaluate(adapter, model, (x, y))   # doctest: +SKIP
     """
     x, y = D.arrays(data)
-    logits = adapter.predict(model, x).astype("float64")
+    logits = adapter.predict(model, x, batch_size=batch_size).astype("float64")
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     loss = float(-log_probs[np.arange(len(y)), y].mean())
@@ -289,7 +291,8 @@ class TransferPipeline:
     prefix's outputs once and trains the head on them; ``cache_memory`` bytes of features
     stay in memory, more go to a temporary file in ``cache_dir``. ``cache="off"`` always
     runs the whole model. Each stage's record says which it did and why; see
-    :mod:`xfer.cache`.
+    :mod:`xfer.cache`. The weights of the start of each epoch, put back if the loss turns
+    NaN, go to a temporary file in ``cache_dir`` too (see :mod:`xfer.rollback`).
 
     ``device="auto"`` trains on CUDA when the framework sees a GPU, else on the CPU
     (PyTorch: the model is moved there; Keras and JAX place variables themselves, so
@@ -531,15 +534,16 @@ class TransferPipeline:
         groups = [(sorted(sel.paths(units)), lr) for sel, lr in stage.lr_groups]
         counts = [adapter.param_counts(u) for u in units]
         keys = frozen_tensors(model)
-        # Only what must stay bit-identical is kept for the check: a copy of every weight
+        # Digests, not copies, of what must stay bit-identical: a copy of the frozen weights
         # held through the stage would cost memory the framework's own loop does not use.
-        before = {k: v for k, v in snapshot(model).items() if k in keys}
+        before = fingerprints(model, keys)
         record = StageRecord(
             stage.name, sum(t for t, _ in counts), sum(f for _, f in counts), len(keys), []
         )
         features, record.cache = C.prepare(
             adapter, model, train, val, setting=self.cache, memory=self.cache_memory,
-            directory=self.cache_dir, progress=self.progress, stage=stage.name,
+            directory=self.cache_dir, batch_size=self.batch_size, progress=self.progress,
+            stage=stage.name,
         )  # fmt: skip
         try:
             trained, train, val_model = model, train, model
@@ -552,7 +556,8 @@ class TransferPipeline:
         finally:
             if features is not None:
                 features.close()
-        record.changed = changed_tensors(before, snapshot(model), keys)
+        after = fingerprints(model, keys)
+        record.changed = [k for k in keys if before[k] != after[k]]
         return record
 
     def _train_epochs(
@@ -566,7 +571,7 @@ class TransferPipeline:
         groups: list[tuple[list[str], float]],
         record: StageRecord,
     ) -> None:
-        adapter, model = self.adapter, self.model
+        adapter = self.adapter
         step = adapter.trainer(
             trained,
             optimizer=stage.optimizer or self.optimizer,
@@ -581,42 +586,49 @@ class TransferPipeline:
         on_device = None
         if self._placed != "cpu" and D.is_arrays(train) and train[0].nbytes <= self.cache_memory:
             on_device = adapter.to_device(trained, *train)
-        for epoch in range(stage.epochs):
-            if self.progress is not None:
-                self.progress(EpochProgress(stage.name, epoch + 1, stage.epochs))
-            good = export_weights(model)
-            start, total, seen = time.perf_counter(), 0.0, 0
-            seed = (self.seed, index, epoch)
-            if on_device is None:
-                batches = D.batches(train, self.batch_size, seed)
-            else:
-                x_all, y_all = on_device
-                batches = (
-                    (x_all[i], y_all[i])
-                    for i in D.batch_indices(len(train[1]), self.batch_size, seed)
-                )
-            for i, (x, y) in enumerate(batches):
-                loss = step(x, y)
-                if not math.isfinite(loss):
-                    import_weights(model, good)
-                    # The inputs were checked before training: the training itself diverged.
-                    causes = f"a learning rate too high for this stage (lr={stage.lr})"
-                    if BNPolicy.of(stage.bn or "train").stats == "update":
-                        causes += (
-                            ", or BN statistics updating on small or shifted batches "
-                            f"(bn={stage.bn!r}: try 'frozen' or 'affine')"
-                        )
-                    raise NonFiniteLoss(
-                        f"Stage {stage.name!r}, epoch {epoch + 1}, step {i + 1}: the loss is "
-                        f"{loss}. The weights from the start of the epoch are restored. "
-                        f"Likely cause: {causes}."
+        # Only what trains can diverge: with cached features, the last child (the prefix is
+        # constant); without, the model.
+        with Rollback(trained, self.cache_dir) as rollback:
+            for epoch in range(stage.epochs):
+                if self.progress is not None:
+                    self.progress(EpochProgress(stage.name, epoch + 1, stage.epochs))
+                rollback.save()
+                start, total, seen = time.perf_counter(), 0.0, 0
+                seed = (self.seed, index, epoch)
+                if on_device is None:
+                    batches = D.batches(train, self.batch_size, seed)
+                else:
+                    x_all, y_all = on_device
+                    batches = (
+                        (x_all[i], y_all[i])
+                        for i in D.batch_indices(len(train[1]), self.batch_size, seed)
                     )
-                total, seen = total + loss * len(y), seen + len(y)
-            val_loss = val_accuracy = None
-            if val is not None:
-                val_loss, val_accuracy = evaluate(adapter, val_model, val)
-            record.epochs.append(
-                EpochRecord(
-                    epoch + 1, total / seen, val_loss, val_accuracy, time.perf_counter() - start
+                for i, (x, y) in enumerate(batches):
+                    loss = step(x, y)
+                    if not math.isfinite(loss):
+                        rollback.restore()
+                        raise _diverged(stage, epoch, i, loss)
+                    total, seen = total + loss * len(y), seen + len(y)
+                val_loss = val_accuracy = None
+                if val is not None:
+                    val_loss, val_accuracy = evaluate(
+                        adapter, val_model, val, batch_size=self.batch_size
+                    )
+                seconds = time.perf_counter() - start
+                record.epochs.append(
+                    EpochRecord(epoch + 1, total / seen, val_loss, val_accuracy, seconds)
                 )
-            )
+
+
+def _diverged(stage: Stage, epoch: int, step: int, loss: float) -> NonFiniteLoss:
+    # The inputs were checked before training: the training itself diverged.
+    causes = f"a learning rate too high for this stage (lr={stage.lr})"
+    if BNPolicy.of(stage.bn or "train").stats == "update":
+        causes += (
+            ", or BN statistics updating on small or shifted batches "
+            f"(bn={stage.bn!r}: try 'frozen' or 'affine')"
+        )
+    return NonFiniteLoss(
+        f"Stage {stage.name!r}, epoch {epoch + 1}, step {step + 1}: the loss is {loss}. The "
+        f"weights from the start of the epoch are restored. Likely cause: {causes}."
+    )

@@ -42,7 +42,7 @@ def export_weights(model: Any) -> dict[str, np.ndarray]:
         (3, 3, 3, 8)
         >>> xfer.import_weights(flax_model, weights)                 # doctest: +SKIP
     """
-    return find_adapter(model).export_weights(model)
+    return {k: np.array(a, copy=True) for k, a in find_adapter(model).weight_arrays(model)}
 
 
 def import_weights(model: Any, weights: Mapping[str, Any]) -> None:
@@ -81,7 +81,7 @@ def save_weights(model: Any, path: str | os.PathLike) -> None:
     from xfer import __version__
 
     adapter = find_adapter(model)
-    tensors = {k: np.ascontiguousarray(v) for k, v in adapter.export_weights(model).items()}
+    tensors = {k: np.ascontiguousarray(v) for k, v in adapter.weight_arrays(model)}
     metadata = {"format": FORMAT, "backend": adapter.name, "xfer_version": __version__}
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -141,7 +141,7 @@ def load_weights(model: Any, path: str | os.PathLike) -> None:
 
 def _import(model: Any, weights: Mapping[str, Any], op: str, source: str) -> None:
     adapter = find_adapter(model)
-    current = adapter.export_weights(model)
+    current = export_weights(model)
     prepared = _validate(adapter, model, current, weights, op, source)
     try:
         adapter.assign_weights(model, prepared)
