@@ -148,6 +148,7 @@ def run_checks(kit) -> dict[str, np.ndarray]:
         after = keras_convention(kit, weights, xfer.export_weights(model), n)
         out.update({f"policy_{policy}.{k}": v for k, v in after.items()})
     out.update(_pipeline_checks(kit, weights))
+    out.update(_resnet_checks(kit))
     return out
 
 
@@ -179,6 +180,44 @@ def _pipeline_checks(kit, weights: dict) -> dict[str, np.ndarray]:
         "pipeline.val_loss": np.array([e.val_loss for s in history.stages for e in s.epochs]),
     }
     out.update({f"pipeline.{k}": v for k, v in xfer.export_weights(model).items()})
+    return out
+
+
+def _resnet_checks(kit) -> dict[str, np.ndarray]:
+    """The benchmark's model, xfer.models.resnet (18, narrow), through both usual stages
+    from the same neutral weights: the head on cached features of the frozen base, then
+    everything with BN on moving statistics. Its BN statistics are set away from 0/1 so
+    that their use shows."""
+    import xfer
+    from xfer import select as S
+
+    model = xfer.models.resnet(
+        18, NUM_CLASSES, CHANNELS, width=4, seed=0, backend=kit.id.split("-")[0]
+    )
+    rng = np.random.default_rng(5)
+    weights = {}
+    for key, value in sorted(xfer.export_weights(model).items()):
+        if key.endswith(("moving_variance", "gamma")):
+            weights[key] = rng.uniform(0.5, 1.5, value.shape).astype("float32")
+        elif key.endswith(("moving_mean", "beta")):
+            weights[key] = rng.uniform(-0.5, 0.5, value.shape).astype("float32")
+        else:
+            fan_in = int(np.prod(value.shape[:-1])) if value.ndim > 1 else 1
+            weights[key] = rng.normal(0, fan_in**-0.5, value.shape).astype("float32")
+    xfer.import_weights(model, weights)
+    # 16x16 images: every stride-2 layer halves an even size (where padding conventions
+    # differ between frameworks) down to 1x1.
+    x = rng.normal(0.5, 1.0, (16, 16, 16, CHANNELS)).astype("float32")
+    y = (np.arange(16) % NUM_CLASSES).astype("int64")
+    stages = [
+        xfer.Stage(
+            "head", train=S.path("head.**"), bn="frozen", mode="inference", lr=0.05, epochs=2
+        ),
+        xfer.Stage("finetune", train=S.all(), bn="affine", lr=0.01, epochs=1),
+    ]
+    history = xfer.TransferPipeline(model, stages, optimizer="momentum", batch_size=8).fit((x, y))
+    out = {"resnet.losses": np.array(history.losses())}
+    out.update({f"resnet.{k}": v for k, v in xfer.export_weights(model).items()})
     return out
 
 
