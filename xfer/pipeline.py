@@ -25,7 +25,7 @@ from xfer._table import table
 from xfer.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from xfer.policy import BNPolicy
 from xfer.rollback import Rollback
-from xfer.state import _check_mode, fingerprints, frozen_tensors
+from xfer.state import _check_mode, changed_tensors, fingerprints, frozen_tensors
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
@@ -556,8 +556,7 @@ class TransferPipeline:
         finally:
             if features is not None:
                 features.close()
-        after = fingerprints(model, keys)
-        record.changed = [k for k in keys if before[k] != after[k]]
+        record.changed = changed_tensors(before, fingerprints(model, keys), keys)
         return record
 
     def _train_epochs(

@@ -185,7 +185,8 @@ def frozen_tensors(model: Any) -> list[str]:
 def changed_tensors(
     before: dict[str, np.ndarray], after: dict[str, np.ndarray], keys: Sequence[str]
 ) -> list[str]:
-    """The keys among ``keys`` whose tensors differ (bitwise) between two snapshots.
+    """The keys among ``keys`` whose tensors differ (bitwise) between two snapshots, or
+    between two :func:`fingerprints` of them.
 
     Example:
         >>> import xfer
