@@ -6,7 +6,7 @@ manifest carries xfer's state, the history so far, the last finished stage, the 
 stage names, seed and batch size, the backend and xfer's version.
 
 A write is atomic as a whole: the weights go to a new file (renamed into place once
-complete), then the manifest that names them replaces the old manifest in one ``os.replace``.
+complete), then the manifest that names them replaces the old manifest in one rename.
 A crash at any point leaves the old manifest with the old weights, or the new with the new,
 never one with the other. Weight files no manifest names are removed after the switch.
 Stages are declarative (applying one resets every unit), so weights and the stage index are
@@ -21,11 +21,11 @@ import os
 import re
 import secrets
 import sys
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 from xfer._adapter import find_adapter
+from xfer.files import write_json
 from xfer.state import export_state, import_state
 from xfer.weights import export_weights, import_weights, load_weights, save_weights
 
@@ -211,15 +211,7 @@ def write_checkpoint(
         "state": export_state(model),
         "history": history,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(tmp, os.path.join(directory, MANIFEST))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_json(os.path.join(directory, MANIFEST), manifest)
     _remove_stale(directory, keep=weights)
     return Checkpoint(directory, manifest)
 

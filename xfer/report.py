@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from xfer._table import table
+from xfer.files import write_atomic, write_text
 from xfer.pipeline import History
 
 
@@ -71,16 +71,8 @@ def write_compare_report(
         if plot
         else '(install matplotlib for the plot: pip install "xfer[report]")',
     ]
-    written.append(_atomic_text(out / "report.md", "\n".join(lines) + "\n"))
+    written.append(write_text(out / "report.md", "\n".join(lines) + "\n"))
     return [*written, *([plot] if plot else [])]
-
-
-def _atomic_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
 
 
 def _plot(histories: dict[str, History], path: Path) -> Path | None:
@@ -103,9 +95,7 @@ def _plot(histories: dict[str, History], path: Path) -> Path | None:
     ax.set_title("the same stages, weights and batches on each backend")
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)

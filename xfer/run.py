@@ -156,7 +156,7 @@ def transfer_on_other_keras_engine(
         >>> history = transfer_on_other_keras_engine("torch", start, preset="keras_guide",
         ...                                          bn=None, seed=0, quick=False)  # doctest: +SKIP
     """
-    from safetensors.numpy import save_file
+    from xfer.files import write_arrays
 
     code = (
         "import json, sys\n"
@@ -168,7 +168,7 @@ def transfer_on_other_keras_engine(
     )
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "start.safetensors")
-        save_file(start, path)
+        write_arrays(path, start)  # contiguous first: see xfer.files
         args = [path, preset, bn or "", str(seed), "1" if quick else "0"]
         # From the temporary directory: `python -c` puts the working directory first on
         # sys.path, and a source checkout there would shadow the installed xfer.

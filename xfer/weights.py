@@ -16,13 +16,13 @@ pins, Flax ``Frozen`` variable types) is never touched, only values.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from xfer._adapter import Adapter, find_adapter
+from xfer.files import write_arrays
 
 FORMAT = "xfer-neutral-weights/1"
 _SHOWN = 5  # offending names listed per kind of problem; the counts say how many in all
@@ -65,40 +65,24 @@ def import_weights(model: Any, weights: Mapping[str, Any]) -> None:
     _import(model, weights, "import_weights", "the weights")
 
 
-def save_weights(model: Any, path: str | os.PathLike) -> None:
-    """Write :func:`export_weights` of ``model`` to a safetensors file at ``path``.
+def save_weights(model: Any, path: str | os.PathLike) -> str:
+    """Write :func:`export_weights` of ``model`` to a safetensors file at ``path``; return
+    the file's digest (``"sha256:..."``, for :func:`xfer.files.verify_digest`).
 
     The file records the format (``xfer-neutral-weights/1``), the backend and xfer's version.
-    The write is atomic: a temporary file in the same directory is renamed over ``path`` only
-    once complete, so a failure leaves no partial file and an existing file untouched.
+    The write goes through :func:`xfer.files.write_arrays`: atomic and fsynced (a failure
+    leaves no partial file and an existing file untouched), every array C-contiguous first.
 
     Example:
         >>> import xfer
         >>> xfer.save_weights(model, "small_cnn.safetensors")       # doctest: +SKIP
+        'sha256:...'
     """
-    from safetensors.numpy import save_file
-
     from xfer import __version__
 
     adapter = find_adapter(model)
-    tensors = {k: np.ascontiguousarray(v) for k, v in adapter.weight_arrays(model)}
     metadata = {"format": FORMAT, "backend": adapter.name, "xfer_version": __version__}
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(
-            f"save_weights: the directory {directory!r} does not exist; "
-            "create it first (os.makedirs) or choose another path."
-        )
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    return write_arrays(path, dict(adapter.weight_arrays(model)), metadata)
 
 
 def load_weights(model: Any, path: str | os.PathLike) -> None:
