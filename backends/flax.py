@@ -455,8 +455,20 @@ class FlaxAdapter:
         return actual
 
     def output_shape(self, model, x) -> tuple[int, ...]:
-        model.eval()
-        return nnx.eval_shape(lambda m, x: m(x), model, jnp.asarray(x, jnp.float32)).shape
+        # A probe must not change the model: eval() sets use_running_average/deterministic
+        # everywhere, and a fit refused after the probe would leave them set.
+        saved = [
+            (module, name, getattr(module, name))
+            for _, module in nnx.iter_modules(model)
+            for name in _MODE_ATTRIBUTES
+            if name in vars(module)
+        ]
+        try:
+            model.eval()
+            return nnx.eval_shape(lambda m, x: m(x), model, jnp.asarray(x, jnp.float32)).shape
+        finally:
+            for module, name, value in saved:
+                setattr(module, name, value)
 
     def chain(self, model: nnx.Module) -> list[nnx.Module] | None:
         if type(model) is nnx.Sequential:

@@ -316,7 +316,14 @@ class TorchAdapter:
         return device
 
     def output_shape(self, model, x) -> tuple[int, ...]:
-        return self.predict(model, x).shape  # eager: as cheap as tracing
+        # A probe must not change the model: predict() switches it to eval(), and a fit
+        # refused after the probe would leave the user's model there.
+        flags = [(m, m.training) for m in model.modules()]
+        try:
+            return self.predict(model, x).shape  # eager: as cheap as tracing
+        finally:
+            for module, training in flags:
+                module.training = training
 
     def chain(self, model: nn.Module) -> list[nn.Module] | None:
         if type(model) is nn.Sequential:

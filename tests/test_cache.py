@@ -33,7 +33,7 @@ def _stages(head_mode="inference"):
 def _fit(kit, cache, stages=None, **options):
     model = kit.model(seed=3)  # dropout 0.5 in base and head: the RNG streams must match too
     pipe = xfer.TransferPipeline(
-        model, stages or _stages(), optimizer="momentum", batch_size=8, weight_decay=0.1,
+        model, stages or _stages(), optimizer="adamw", batch_size=8, weight_decay=0.1,
         cache=cache, **options,
     )  # fmt: skip
     history = pipe.fit(data(40), data(12, seed=1))

@@ -218,3 +218,15 @@ def test_unit_order_survives_nnx_resorting_attributes_after_a_jitted_step(kit):
     assert [r.path for r in xfer.summary(model, print_fn=None).rows] == order
     xfer.freeze(model, S.top(1))
     assert xfer.summary(model, print_fn=None).row("head").trainable == "no"
+
+
+def test_a_refused_fit_leaves_the_modules_in_the_mode_they_were_in(kit):
+    model = kit.model()
+    model.train()
+    bn = model.base.block1.bn
+    assert bn.use_running_average is False
+    x, y = data(8)
+    stages = [xfer.Stage("all", train=S.all(), lr=0.05)]
+    with pytest.raises(ValueError, match="labels must lie in"):
+        xfer.TransferPipeline(model, stages).fit((x, y + 10))
+    assert bn.use_running_average is False and model.base.drop.deterministic is False

@@ -89,3 +89,55 @@ def test_a_bare_layer_is_one_unit(kit):
     xfer.freeze(layer)
     s = xfer.summary(layer, print_fn=None)
     assert [(r.path, r.trainable, r.n_frozen) for r in s.rows] == [("", "no", 8)]
+
+
+class _UserNet(torch.nn.Module):
+    """A user's module with BatchNorm1d, which raises in training mode on a batch of one."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 3, 16))
+        self.bn = torch.nn.BatchNorm1d(16)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.features(x))))
+
+
+def _user_stage():
+    return [xfer.Stage("all", train=S.all(), bn="train", lr=0.05, epochs=2)]
+
+
+def test_a_trailing_batch_of_one_does_not_crash_batchnorm1d():
+    """17 images in batches of 8 once left a batch of 1 after two batches had trained."""
+    model = _UserNet()
+    history = xfer.TransferPipeline(model, _user_stage(), optimizer="sgd", batch_size=8).fit(
+        data(17)
+    )
+    assert all(np.isfinite(history.losses()))
+
+
+def test_an_error_mid_epoch_puts_back_the_weights_of_the_epoch_start():
+    """A user's own batches can still end with one example: torch raises on the last
+    batch, after the first two trained; none of their updates may stay."""
+    model = _UserNet()
+    before = xfer.export_weights(model)  # every parameter and statistic the rollback keeps
+    x, y = data(17)
+    batches = [(x[:8], y[:8]), (x[8:16], y[8:16]), (x[16:], y[16:])]
+    pipe = xfer.TransferPipeline(model, _user_stage(), optimizer="sgd")
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        pipe.fit(batches)
+    after = xfer.export_weights(model)
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+
+
+def test_a_refused_fit_leaves_the_modules_in_the_mode_they_were_in(kit):
+    model = kit.model()
+    model.train()
+    model.base.drop.eval()  # a user's own mix of modes
+    modes = {name: m.training for name, m in model.named_modules()}
+    x, y = data(8)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        xfer.TransferPipeline(model, _user_stage()).fit((x, y + 10))
+    assert {name: m.training for name, m in model.named_modules()} == modes

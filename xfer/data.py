@@ -82,7 +82,7 @@ def batches(
         >>> import numpy as np
         >>> x, y = np.zeros((5, 2, 2, 1), "float32"), np.arange(5)
         >>> [len(b[1]) for b in batches((x, y), 2, seed=(0, 0, 0))]
-        [2, 2, 1]
+        [2, 3]
     """
     if not is_arrays(data):
         yield from data
@@ -95,13 +95,26 @@ def batches(
 def batch_indices(n: int, batch_size: int, seed: tuple[int, ...]) -> Iterator[np.ndarray]:
     """The indices of each batch of one epoch of ``n`` examples, shuffled by ``seed``.
 
+    A last batch of a single example is merged into the batch before it: BatchNorm in
+    training mode cannot normalise one example (PyTorch raises for ``BatchNorm1d``, and a
+    variance of zero makes any BN's output meaningless), so the step would fail, or
+    learn nothing, after the epoch's other batches had trained. Merging keeps every
+    example in every epoch, and the larger batch has the same shape every epoch (one
+    more compilation on JAX, once).
+
     Example:
-        >>> [list(i) for i in batch_indices(3, 2, seed=(0, 0, 0))]
-        [[2, 0], [1]]
+        >>> [i.tolist() for i in batch_indices(3, 2, seed=(0, 0, 0))]
+        [[2, 0, 1]]
+        >>> [len(i) for i in batch_indices(7, 3, seed=(0, 0, 0))]
+        [3, 4]
     """
     order = np.random.default_rng(list(seed)).permutation(n)
-    for i in range(0, n, batch_size):
-        yield order[i : i + batch_size]
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else n
+        yield order[start:end]
 
 
 PREDICT_CHUNK = 256

@@ -23,6 +23,7 @@ from xfer import select as S
 from xfer._adapter import Adapter, Unit, find_adapter
 from xfer._table import table
 from xfer.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from xfer.interrupt import StopRequest
 from xfer.policy import BNPolicy
 from xfer.rollback import Rollback
 from xfer.state import _check_mode, changed_tensors, fingerprints, frozen_tensors
@@ -113,23 +114,44 @@ class Stage:
             BNPolicy.of(self.bn)
         if self.mode is not None:
             _check_mode(self.mode)
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"Stage {self.name!r}: lr must be a positive number, got {self.lr!r}.")
-        if not (isinstance(self.epochs, int) and self.epochs >= 1):
-            raise ValueError(
-                f"Stage {self.name!r}: epochs must be an integer >= 1, got {self.epochs!r}."
-            )
+        _check_lr(self.lr, f"Stage {self.name!r}: lr")
+        _check_count(self.epochs, f"Stage {self.name!r}: epochs")
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ValueError(
                 f"Stage {self.name!r}: unknown optimizer {self.optimizer!r}; expected one of "
                 f"{', '.join(OPTIMIZERS)}."
             )
+        if not isinstance(self.lr_groups, (tuple, list)):
+            raise TypeError(
+                f"Stage {self.name!r}: lr_groups must be a tuple of (selector, lr) pairs, got "
+                f"{type(self.lr_groups).__name__}."
+            )
         for group in self.lr_groups:
-            if len(group) != 2 or not (isinstance(group[1], (int, float)) and group[1] > 0):
+            if not isinstance(group, (tuple, list)) or len(group) != 2:
                 raise ValueError(
                     f"Stage {self.name!r}: lr_groups entries are (selector, positive lr), got {group!r}."
                 )
             S._check(group[0])
+            _check_lr(group[1], f"Stage {self.name!r}: the lr of lr_groups entry {group[0]!r}")
+
+
+def _is_real(value: object) -> bool:
+    # bool is an int to Python, but Stage(lr=True) or batch_size=True is a mistake.
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
+def _check_lr(value: object, what: str) -> None:
+    if not (_is_real(value) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be a positive finite number, got {value!r}.")
+
+
+def _check_count(value: object, what: str, minimum: int = 1) -> None:
+    if not (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))):
+        raise TypeError(f"{what} must be an integer >= {minimum}, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}.")
 
 
 @dataclasses.dataclass
@@ -241,12 +263,7 @@ def apply_stage(model: Any, stage: Stage, adapter: Adapter | None = None) -> lis
     """
     adapter = adapter or find_adapter(model)
     units = adapter.units(model)
-    chosen = set(stage.train.paths(units))
-    if not any(u.path in chosen and u.n_params for u in units):
-        raise ValueError(
-            f"Stage {stage.name!r}: train={stage.train!r} selects no unit with parameters, so "
-            f"nothing would train. Some paths: {', '.join(u.path for u in units[:8])}."
-        )
+    chosen = check_stage(stage, units)
     policy = BNPolicy.of(stage.bn) if stage.bn is not None else None
     for unit in units:
         trains = unit.path in chosen
@@ -259,6 +276,45 @@ def apply_stage(model: Any, stage: Stage, adapter: Adapter | None = None) -> lis
             adapter.set_trainable(unit, trains)
         adapter.set_mode(unit, stage.mode if (stage.mode and not trains) else "inherit")
     return [u for u in units if u.path in chosen]
+
+
+def check_stage(stage: Stage, units: Sequence[Unit]) -> set[str]:
+    """The paths ``stage.train`` selects among ``units``, after checking that the stage
+    fits the model: something with parameters trains, and every ``lr_groups`` selector
+    picks a unit whose parameters train in this stage (a group that picks none would be
+    ignored without a word). Changes nothing, so the pipeline checks every stage before
+    the first one trains.
+
+    Example:
+        >>> from xfer.pipeline import check_stage
+        >>> check_stage(xfer.Stage("head", train=S.path("head.**")), units)   # doctest: +SKIP
+        {'head', 'head.dense'}
+    """
+    chosen = set(stage.train.paths(units))
+    policy = BNPolicy.of(stage.bn) if stage.bn is not None else None
+
+    def trains(unit: Unit) -> bool:
+        if not unit.n_params:
+            return False
+        if unit.is_bn and policy is not None:
+            return policy.trainable
+        return unit.path in chosen
+
+    some = ", ".join(u.path for u in units[:8])
+    if not any(u.path in chosen and u.n_params for u in units):
+        raise ValueError(
+            f"Stage {stage.name!r}: train={stage.train!r} selects no unit with parameters, so "
+            f"nothing would train. Some paths: {some}."
+        )
+    training = {u.path for u in units if trains(u)}
+    for selector, lr in stage.lr_groups:
+        if not training.intersection(selector.paths(units)):
+            raise ValueError(
+                f"Stage {stage.name!r}: the lr_groups selector {selector!r} (lr={lr}) picks no "
+                f"unit whose parameters train in this stage, so its learning rate would never "
+                f"be used. Units that train here: {', '.join(sorted(training)[:8])}."
+            )
+    return chosen
 
 
 def evaluate(
@@ -352,8 +408,9 @@ class TransferPipeline:
         unknown = [m for m in metrics if m not in METRICS]
         if unknown:
             raise ValueError(f"Unknown metrics {unknown}: expected some of {METRICS}.")
-        if not (isinstance(batch_size, int) and batch_size >= 1):
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        _check_count(batch_size, "batch_size")
+        _check_count(seed, "seed (it seeds numpy's generator, which takes no negative)", 0)
+        _check_weight_decay(weight_decay, optimizer, stages)
         if cache not in C.CACHE_SETTINGS:
             raise ValueError(
                 f"Unknown cache setting {cache!r}: expected one of {', '.join(C.CACHE_SETTINGS)} "
@@ -377,6 +434,11 @@ class TransferPipeline:
             raise ValueError(
                 f"precision={precision!r} on {self.adapter.name}: {self.adapter.mixed_precision}"
             )
+        if cache_dir is not None and not os.path.isdir(cache_dir):
+            raise FileNotFoundError(
+                f"cache_dir {os.fspath(cache_dir)!r} is not a directory. Create it first, or "
+                "leave cache_dir=None for the system's temporary directory."
+            )
         self.device, self.precision, self.compile_step = device, precision, bool(compile_step)
         self._placed = "cpu"  # where fit() put the model
         self.cache, self.cache_memory = cache, cache_memory
@@ -385,6 +447,7 @@ class TransferPipeline:
         self.optimizer, self.batch_size = optimizer, batch_size
         self.weight_decay, self.seed, self.progress = weight_decay, seed, progress
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+        self._stop = StopRequest()  # replaced by fit's own while it trains
 
     def fit(self, train: D.Data, val: D.Data | None = None, *, resume: bool = False) -> History:
         """Run every stage; return the :class:`History`.
@@ -412,6 +475,12 @@ class TransferPipeline:
                 "fit(resume=True) needs a checkpoint directory to resume from: pass "
                 "TransferPipeline(..., checkpoint_dir=...)."
             )
+        # Everything a run needs is checked before the first step trains: a refused run
+        # leaves the model, its state and the file system as they were.
+        units = self.adapter.units(self.model)
+        for stage in self.stages:
+            check_stage(stage, units)
+        self._check_checkpoint_dir()
         num_classes, in_channels = self._model_shape(train)
         D.check(train, name="train", num_classes=num_classes, in_channels=in_channels)
         if val is not None:
@@ -421,12 +490,15 @@ class TransferPipeline:
         history.device = self._placed = device
         index, saving = start, False
         try:
-            for index in range(start, len(self.stages)):
-                history.stages.append(self._run_stage(index, self.stages[index], train, val))
-                if self.checkpoint_dir is not None:
-                    saving = True
-                    self._save(index, history)
-                    saving = False
+            with StopRequest() as self._stop:
+                for index in range(start, len(self.stages)):
+                    self._stop.check()
+                    history.stages.append(self._run_stage(index, self.stages[index], train, val))
+                    if self.checkpoint_dir is not None:
+                        saving = True
+                        self._save(index, history)
+                        saving = False
+                    self._stop.check()
         except KeyboardInterrupt as interrupt:
             if self.checkpoint_dir is None or isinstance(interrupt, Interrupted):
                 raise
@@ -508,6 +580,26 @@ class TransferPipeline:
             stage=stage,
             next_stage=next_stage,
         )
+
+    def _check_checkpoint_dir(self) -> None:
+        """Refuse, before training, a checkpoint directory that could not be created or
+        written (checked on the nearest existing ancestor; nothing is created here)."""
+        if self.checkpoint_dir is None:
+            return
+        path = os.path.abspath(self.checkpoint_dir)
+        existing = path
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        problem = None
+        if not os.path.isdir(existing):
+            problem = f"{existing!r} is a file, not a directory"
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            problem = f"{existing!r} is not writable"
+        if problem:
+            raise NotADirectoryError(
+                f"checkpoint_dir {self.checkpoint_dir!r} cannot be created or written: "
+                f"{problem}. Choose a directory you can write (xfer run --checkpoint DIR)."
+            )
 
     def _model_shape(self, train: D.Data) -> tuple[int, int]:
         """(number of classes, input channels), from the model's output shape on one image."""
@@ -602,12 +694,18 @@ class TransferPipeline:
                         (x_all[i], y_all[i])
                         for i in D.batch_indices(len(train[1]), self.batch_size, seed)
                     )
-                for i, (x, y) in enumerate(batches):
-                    loss = step(x, y)
-                    if not math.isfinite(loss):
-                        rollback.restore()
-                        raise _diverged(stage, epoch, i, loss)
-                    total, seen = total + loss * len(y), seen + len(y)
+                try:
+                    for i, (x, y) in enumerate(batches):
+                        loss = step(x, y)
+                        if not math.isfinite(loss):
+                            raise _diverged(stage, epoch, i, loss)
+                        total, seen = total + loss * len(y), seen + len(y)
+                        self._stop.check()
+                except Exception:
+                    # NaN, or a framework error mid-epoch (a bad batch, out of memory):
+                    # the epoch's partial updates are not kept.
+                    rollback.restore()
+                    raise
                 val_loss = val_accuracy = None
                 if val is not None:
                     val_loss, val_accuracy = evaluate(
@@ -617,6 +715,23 @@ class TransferPipeline:
                 record.epochs.append(
                     EpochRecord(epoch + 1, total / seen, val_loss, val_accuracy, seconds)
                 )
+
+
+def _check_weight_decay(weight_decay: object, optimizer: str, stages: Sequence[Stage]) -> None:
+    if not (_is_real(weight_decay) and math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}.")
+    if weight_decay == 0:
+        return
+    # Only AdamW decays weights here (decoupled, as torch/optax/Keras AdamW do); with the
+    # others the value would change nothing at all.
+    ignoring = [s.name for s in stages if (s.optimizer or optimizer) != "adamw"]
+    if ignoring:
+        raise ValueError(
+            f"weight_decay={weight_decay} is applied only by optimizer 'adamw', but stages "
+            f"{ignoring} use {sorted({s.optimizer or optimizer for s in stages} - {'adamw'})}, "
+            "where it would be silently ignored. Use optimizer='adamw' (for the pipeline or "
+            "those stages), or weight_decay=0."
+        )
 
 
 def _diverged(stage: Stage, epoch: int, step: int, loss: float) -> NonFiniteLoss:
