@@ -193,7 +193,7 @@ class Checkpoint:
             raise CheckpointError(
                 f"The checkpoint in {self.directory!r} belongs to another pipeline: resuming "
                 f"needs what already ran (the stages up to {names[finished]!r}) to be the "
-                f"same, and here {'; '.join(differences)}. {_FIX}"
+                f"same: {'; '.join(differences)}. {_FIX}"
             )
         changes = list(self.manifest["changes"])
         for old, new in zip(
