@@ -7,6 +7,7 @@ Dropout is off: the frameworks' RNG streams are not part of a checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -16,7 +17,8 @@ import pytest
 import xfer
 from kits import data
 from xfer import select as S
-from xfer.checkpoint import MANIFEST, CheckpointError, read_checkpoint, write_checkpoint
+from xfer.checkpoint import MANIFEST, CheckpointError, read_checkpoint
+from xfer.fingerprint import data_fingerprint
 from xfer.pipeline import Interrupted
 
 TRAIN, VAL = data(32), data(16, seed=1)
@@ -32,10 +34,10 @@ def _stages(second: str = "finetune"):
 
 
 def _pipe(model, directory=None, stages=None, progress=None, **kwargs):
+    kwargs.setdefault("optimizer", "momentum")
     return xfer.TransferPipeline(
         model,
         stages or _stages(),
-        optimizer="momentum",
         batch_size=8,
         seed=3,
         checkpoint_dir=directory,
@@ -72,18 +74,15 @@ def uninterrupted(kit):
 
 
 def _checkpoint_of_head(kit, directory):
-    """A checkpoint after stage 'head' of _pipe, written without training (for refusals)."""
-    model = kit.model(dropout=0.0)
-    xfer.pipeline.apply_stage(model, _stages()[0])
-    write_checkpoint(
-        directory,
-        model,
-        stage_names=["head", "finetune"],
-        finished=0,
-        history=xfer.History(kit.id).to_dict(),
-        seed=3,
-        batch_size=8,
-    )
+    """A checkpoint after stage 'head' of _pipe (for refusals)."""
+    _interrupted_after_head(kit, directory)
+
+
+def _interrupted_after_head(kit, directory):
+    """A real checkpoint: head finished, Ctrl-C in finetune."""
+    pipe = _pipe(kit.model(dropout=0.0), directory, progress=_interrupt_at("finetune: epoch 1/2"))
+    with pytest.raises(Interrupted):
+        pipe.fit(TRAIN)
 
 
 def _weights_and_state(model):
@@ -106,7 +105,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights_bit_for_bit(kit, tmp_pat
     assert (error.value.stage, error.value.next_stage) == ("finetune", "finetune")
     checkpoint = read_checkpoint(tmp_path)
     assert (checkpoint.finished, checkpoint.next_stage) == (0, "finetune")
-    assert checkpoint.manifest["backend"] == kit.id
+    assert checkpoint.manifest["pipeline"]["backend"] == kit.id
     # The half-trained weights in memory are not what the checkpoint holds.
     in_memory, saved = xfer.export_weights(model), _loaded(kit, checkpoint)
     assert not all(np.array_equal(in_memory[k], saved[k]) for k in saved)
@@ -215,7 +214,10 @@ def test_a_checkpoint_of_another_pipeline_is_refused_and_the_model_unchanged(kit
     other = xfer.TransferPipeline(
         model, _stages(), optimizer="momentum", batch_size=4, seed=4, checkpoint_dir=tmp_path
     )
-    with pytest.raises(CheckpointError, match="seed 3 there, 4 here; batch_size 8 there, 4 here"):
+    with pytest.raises(
+        CheckpointError,
+        match="batch_size: 8 in the checkpoint, 4 here; seed: 3 in the checkpoint, 4 here",
+    ):
         other.fit(TRAIN, resume=True)
     _assert_unchanged(model, before)
 
@@ -284,3 +286,179 @@ def test_a_non_finite_loss_keeps_the_finished_stages_checkpoint(kit, tmp_path):
     checkpoint = read_checkpoint(tmp_path)
     assert (checkpoint.finished, checkpoint.next_stage) == (0, "boom")
     assert len(checkpoint.history["stages"]) == 1
+
+
+def _head(**changes):
+    return [dataclasses.replace(_stages()[0], **changes), _stages()[1]]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"stages": _head(lr=0.01)}, "stage 'head' lr: 0.05 in the checkpoint, 0.01 here"),
+        ({"stages": _head(bn="affine")}, "stage 'head' bn: 'frozen' in the checkpoint, 'affine'"),
+        ({"stages": _head(mode=None)}, "stage 'head' mode: 'inference' in the checkpoint, None"),
+        ({"stages": _head(epochs=2)}, "stage 'head' epochs: 1 in the checkpoint, 2 here"),
+        ({"stages": _head(optimizer="sgd")}, "stage 'head' optimizer: None in the checkpoint"),
+        (
+            {"stages": _head(train=S.path("head.**") | S.bn())},
+            "stage 'head' train: path('head.**') in the checkpoint, (path('head.**') | bn()) here",
+        ),
+        (
+            {"stages": _head(lr_groups=((S.path("head.**"), 0.1),))},
+            "stage 'head' lr_groups: [] in the checkpoint, [(path('head.**'), 0.1)] here",
+        ),
+        ({"optimizer": "adam"}, "optimizer: 'momentum' in the checkpoint, 'adam' here"),
+        ({"weight_decay": 1e-4, "optimizer": "adamw"}, "weight_decay: 0.0 in the checkpoint, 0.0001 here"),
+        ({"train": data(32, seed=2)}, "data: 'sha256:"),
+        ({"train": [TRAIN]}, "data: 'sha256:"),
+    ],
+    ids=[
+        "lr", "bn", "mode", "epochs", "stage-optimizer", "train", "lr_groups", "optimizer",
+        "weight_decay", "other-data", "batches",
+    ],
+)  # fmt: skip
+def test_resuming_a_finished_stage_run_differently_is_refused_by_name(
+    kit, tmp_path, change, message
+):
+    _interrupted_after_head(kit, tmp_path)
+    train = change.pop("train", TRAIN)
+    model = kit.model(seed=1, dropout=0.0)
+    before = _weights_and_state(model)
+    with pytest.raises(CheckpointError) as error:
+        _pipe(model, tmp_path, **change).fit(train, resume=True)
+    assert message in str(error.value)
+    assert "--checkpoint" in str(error.value) and "delete" in str(error.value).lower()
+    _assert_unchanged(model, before)
+
+
+def test_a_checkpoint_of_another_backend_or_loss_is_refused_by_name(kit, tmp_path):
+    _interrupted_after_head(kit, tmp_path)
+    path = tmp_path / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["pipeline"].update(backend="other-backend", loss="hinge")
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError) as error:
+        _pipe(kit.model(dropout=0.0), tmp_path).fit(TRAIN, resume=True)
+    assert f"backend: 'other-backend' in the checkpoint, '{kit.id}' here" in str(error.value)
+    assert "loss: 'hinge' in the checkpoint, 'sparse_categorical_crossentropy'" in str(error.value)
+
+
+def test_an_unfinished_stage_may_change_and_the_change_is_recorded(kit, tmp_path):
+    # What the NaN message says to do: lower the lr of the failed stage and resume.
+    stages = [_stages()[0], xfer.Stage("boom", train=S.all(), bn="affine", lr=1e30, epochs=2)]
+    with pytest.raises(xfer.NonFiniteLoss):
+        _pipe(kit.model(dropout=0.0), tmp_path, stages=stages).fit(TRAIN)
+    stages[1] = dataclasses.replace(stages[1], lr=0.01)
+    history = _pipe(kit.model(seed=1, dropout=0.0), tmp_path, stages=stages).fit(TRAIN, resume=True)
+    assert [s.name for s in history.stages] == ["head", "boom"] and history.ok
+    manifest = read_checkpoint(tmp_path).manifest
+    assert [s["lr"] for s in manifest["stages"]] == [0.05, 0.01]  # what each stage ran with
+    assert manifest["changes"] == [
+        {"resumed_after": "head", "stage": "boom", "field": "lr", "checkpoint": 1e30, "here": 0.01}
+    ]
+
+
+def _flip_a_bit(path):
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x01  # in the last tensor's data: the file still parses
+    path.write_bytes(bytes(raw))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-16])
+
+
+@pytest.mark.parametrize("damage", [_flip_a_bit, _truncate], ids=["bit-flip", "truncated"])
+def test_a_damaged_weights_file_is_refused_before_anything_is_assigned(kit, tmp_path, damage):
+    _interrupted_after_head(kit, tmp_path)
+    damage(tmp_path / read_checkpoint(tmp_path).manifest["weights"])
+    model = kit.model(seed=1, dropout=0.0)
+    before = _weights_and_state(model)
+    with pytest.raises(CheckpointError, match="digest") as error:
+        _pipe(model, tmp_path).fit(TRAIN, resume=True)
+    assert "delete" in str(error.value).lower()
+    _assert_unchanged(model, before)
+
+
+def _outside_weights(kit, tmp_path):
+    # A valid weights file of the same model outside the checkpoint directory.
+    path = tmp_path / "outside.safetensors"
+    return path, xfer.save_weights(kit.model(seed=5, dropout=0.0), path)
+
+
+def _edit(manifest, kit, tmp_path, how):
+    if how in ("last_finished", "history", "state", "pipeline"):
+        del manifest[how]
+    elif how == "history-type":
+        manifest["history"] = []
+    elif how == "history-record":
+        del manifest["history"]["stages"][0]["epochs"]
+    elif how == "index-out-of-range":
+        manifest["last_finished"]["index"] = 7
+    elif how in ("absolute-path", "dot-dot"):
+        path, digest = _outside_weights(kit, tmp_path)
+        manifest["weights_digest"] = digest
+        manifest["weights"] = str(path) if how == "absolute-path" else "../outside.safetensors"
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("last_finished", "last_finished is missing"),
+        ("history", "history is missing"),
+        ("state", "state is missing"),
+        ("pipeline", "pipeline is missing"),
+        ("history-type", "history must be"),
+        ("history-record", "its history is not one xfer wrote"),
+        ("index-out-of-range", "last_finished.index is 7"),
+        ("absolute-path", "weights must be a plain file name"),
+        ("dot-dot", "weights must be a plain file name"),
+    ],
+)
+def test_a_malformed_manifest_is_refused_by_name_and_the_model_unchanged(
+    kit, tmp_path, how, message
+):
+    directory = tmp_path / "ckpt"
+    _interrupted_after_head(kit, directory)
+    path = directory / MANIFEST
+    manifest = json.loads(path.read_text())
+    _edit(manifest, kit, tmp_path, how)
+    path.write_text(json.dumps(manifest))
+    model = kit.model(seed=1, dropout=0.0)
+    before = _weights_and_state(model)
+    with pytest.raises(CheckpointError, match="not a valid xfer checkpoint") as error:
+        _pipe(model, directory).fit(TRAIN, resume=True)
+    assert message in str(error.value) and "delete" in str(error.value).lower()
+    _assert_unchanged(model, before)
+
+
+def test_an_old_checkpoint_without_digests_is_refused_with_how_to_start_over(kit, tmp_path):
+    _interrupted_after_head(kit, tmp_path)
+    path = tmp_path / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["format"] = "xfer-checkpoint/1"
+    manifest.pop("weights_digest", None)
+    path.write_text(json.dumps(manifest))
+    model = kit.model(seed=1, dropout=0.0)
+    before = _weights_and_state(model)
+    with pytest.raises(CheckpointError, match="older xfer") as error:
+        _pipe(model, tmp_path).fit(TRAIN, resume=True)
+    assert "start over" in str(error.value) and "xfer-checkpoint/2" in str(error.value)
+    _assert_unchanged(model, before)
+
+
+def test_the_data_fingerprint_sees_values_dtype_shape_and_batches_not_memory_layout():
+    x, y = np.arange(96, dtype="float32").reshape(4, 2, 3, 4), np.arange(4)
+    same = data_fingerprint((x, y))
+    assert data_fingerprint((np.asfortranarray(x), y.astype(">i8"))) == same  # same values
+    others = [
+        (x.astype("float64"), y),
+        (x.reshape(4, 3, 2, 4), y),
+        (x + np.float32(1e-6) * (x == 5), y),
+        (x, y[::-1].copy()),
+    ]
+    assert all(data_fingerprint(other) != same for other in others)
+    # Batches are trained on as they come (not shuffled by xfer): their order is the data.
+    batches = [(x[:2], y[:2]), (x[2:], y[2:])]
+    assert data_fingerprint(batches) not in (same, data_fingerprint(batches[::-1]))

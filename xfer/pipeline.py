@@ -22,7 +22,14 @@ from xfer import data as D
 from xfer import select as S
 from xfer._adapter import Adapter, Unit, find_adapter
 from xfer._table import table
-from xfer.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from xfer.checkpoint import (
+    CheckpointError,
+    backend_id,
+    read_checkpoint,
+    run_config,
+    write_checkpoint,
+)
+from xfer.fingerprint import data_fingerprint
 from xfer.interrupt import StopRequest
 from xfer.policy import BNPolicy
 from xfer.rollback import Rollback
@@ -447,6 +454,7 @@ class TransferPipeline:
         self.optimizer, self.batch_size = optimizer, batch_size
         self.weight_decay, self.seed, self.progress = weight_decay, seed, progress
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+        self.loss = loss  # recorded in checkpoints
         self._stop = StopRequest()  # replaced by fit's own while it trains
 
     def fit(self, train: D.Data, val: D.Data | None = None, *, resume: bool = False) -> History:
@@ -486,7 +494,7 @@ class TransferPipeline:
         if val is not None:
             D.check(val, name="val", num_classes=num_classes, in_channels=in_channels)
         device = self.adapter.place(self.model, self.device)  # after the checks that refuse
-        history, start = self._start(resume)
+        history, start = self._start(resume, train)
         history.device = self._placed = device
         index, saving = start, False
         try:
@@ -509,11 +517,26 @@ class TransferPipeline:
             raise
         return history
 
-    def _start(self, resume: bool) -> tuple[History, int]:
-        """The history to extend and the first stage to run, from the checkpoint if resuming."""
+    def _start(self, resume: bool, train: D.Data) -> tuple[History, int]:
+        """The history to extend and the first stage to run, from the checkpoint if resuming.
+
+        Also sets ``self._run_config``, what :meth:`_save` records: this run's stages and
+        pipeline settings, the training data's fingerprint, and the changes a resume made
+        to stages that had not finished.
+        """
         history = History(self.adapter.name)
         if self.checkpoint_dir is None:
             return history, 0
+        self._run_config = run_config(
+            self.stages,
+            loss=self.loss,
+            optimizer=self.optimizer,
+            weight_decay=self.weight_decay,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            backend=backend_id(self.model),
+            data=data_fingerprint(train),
+        )
         checkpoint = read_checkpoint(self.checkpoint_dir)
         if checkpoint is None:
             return history, 0
@@ -525,20 +548,26 @@ class TransferPipeline:
                 "Continue it with fit(..., resume=True) (xfer run --resume), or start over "
                 "in a different checkpoint directory, or delete this one."
             )
-        checkpoint.check([s.name for s in self.stages], seed=self.seed, batch_size=self.batch_size)
+        self._run_config = checkpoint.check(self._run_config)
+        try:
+            restored = History.from_dict(checkpoint.history)
+        except (KeyError, TypeError) as error:
+            raise CheckpointError(
+                f"The checkpoint in {self.checkpoint_dir!r} is not a valid xfer checkpoint: "
+                f"its history is not one xfer wrote ({type(error).__name__}: {error}); the "
+                "model was left unchanged. "
+                "Delete the directory (or use another checkpoint directory) to start over."
+            ) from None
         checkpoint.restore(self.model)
-        restored = History.from_dict(checkpoint.history)
         return History(self.adapter.name, restored.stages), checkpoint.finished + 1
 
     def _save(self, index: int, history: History) -> None:
         write_checkpoint(
             self.checkpoint_dir,
             self.model,
-            stage_names=[s.name for s in self.stages],
+            config=self._run_config,
             finished=index,
             history=history.to_dict(),
-            seed=self.seed,
-            batch_size=self.batch_size,
         )
 
     def _saved_so_far(self) -> str:
