@@ -58,13 +58,13 @@ def xfer_units(model):
     return find_adapter(model).units(model)
 
 
-def test_xfer_run_pretrains_once_then_transfers_and_reports(kit, tmp_path, monkeypatch, capsys):
+def test_xfer_run_starts_from_the_shipped_weights_and_reports(kit, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XFER_CACHE", str(tmp_path))
     backend = kit.id.partition("-")[0]
     args = ["run", "--backend", backend, "--bn", "adapt", "--quick", "--format", "json"]
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
-    assert not first["pretrained_cached"] and 0.0 <= first["source_accuracy"] <= 1.0
+    assert first["source_weights"] == "shipped" and first["source_accuracy"] > 0.9
     stages = first["history"]["stages"]
     assert [s["name"] for s in stages] == ["head", "finetune"]
     assert all(s["changed"] == [] for s in stages) and stages[0]["kept"] == 8  # base params
@@ -72,7 +72,9 @@ def test_xfer_run_pretrains_once_then_transfers_and_reports(kit, tmp_path, monke
     assert stages[0]["cache"].startswith("off: 'base.block1.bn' behaves differently")
     assert main([*args, "--cache", "off", "--device", "auto"]) == 0
     second = json.loads(capsys.readouterr().out)
-    assert second["pretrained_cached"] and second["history"]["stages"][0]["cache"] == "off"
+    assert (
+        second["source_weights"] == "shipped" and second["history"]["stages"][0]["cache"] == "off"
+    )
     assert second["history"]["device"] == first["history"]["device"] in ("cpu", "cuda")
     assert [e["loss"] for e in second["history"]["stages"][1]["epochs"]] == [
         e["loss"] for e in stages[1]["epochs"]

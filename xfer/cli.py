@@ -90,8 +90,38 @@ def _label(backend: str) -> str:
     return f"keras-{_keras_engine()}" if backend == "keras" else backend
 
 
+_ORIGIN = {
+    "shipped": "shipped with xfer",
+    "file": "from --weights",
+    "pretrained": "pretrained now",
+}
+
+
+def run_text(report: dict) -> str:
+    """The text ``xfer run`` prints, from its ``--format json`` report (so that the README's
+    block, made from the json by scripts/readme_numbers.py, is what a user sees).
+
+    Example:
+        >>> print(run_text(json.loads(json_output)))          # doctest: +SKIP
+    """
+    from xfer.pipeline import History
+
+    origin = _ORIGIN[report["source_weights"]]
+    return (
+        f"xfer run: {report['backend']} {report['version']}, preset {report['preset']}, "
+        f"BN policy {report['bn'] or 'of the preset'}\n"
+        f"source model (digits 0-4, {origin}): validation accuracy {report['source_accuracy']:.3f}\n"
+        "target: digits 5-9, ink inverted and contrast changed, 20 labelled images per class\n\n"
+        f"{History.from_dict(report['history'])}"
+    )
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    """The main job: pretrain on digits 0-4, transfer to shifted digits 5-9 with a preset."""
+    """The main job: from the shipped source model (digits 0-4), transfer to shifted digits 5-9."""
     import dataclasses
 
     from xfer import run
@@ -107,6 +137,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.weights:
+        # Checked before any training, in one line: the usual mistake is another model's file.
+        try:
+            run.pretrained(backend, args.seed, weights=args.weights)
+        except (OSError, ValueError) as error:
+            print(
+                f"xfer run: --weights {args.weights}: {_one_line(error)} Expected neutral "
+                "weights of the source model; `xfer pretrain --out PATH` writes one.",
+                file=sys.stderr,
+            )
+            return 2
     progress = _progress(args)
     try:
         result = run.run(
@@ -120,6 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             resume=args.resume,
             cache=args.cache,
             device=args.device,
+            weights_file=args.weights,
         )
     except Interrupted as stop:
         print(f"\n{stop}", file=sys.stderr)  # it says what is saved and how to resume
@@ -130,23 +172,47 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if progress is not None:
             progress.close()
+    report = dataclasses.asdict(result)
+    report.update(backend=_label(backend), version=_version(backend))
+    print(json.dumps(report) if args.format == "json" else run_text(report))
+    return 0 if result.history.ok else 1
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Pretrain the source model on digits 0-4 and write its neutral weights (for run --weights)."""
+    from xfer import run
+    from xfer.weights import save_weights
+
+    backend = args.backend or _config.get_backend()
+    _config.require(backend)
+    progress = _progress(args)
+    try:
+        model = run.pretrain(backend, args.seed, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    accuracy = run.source_accuracy(backend, model, args.seed)
+    try:
+        digest = save_weights(model, args.out)  # atomic: no partial file on failure
+    except OSError as error:
+        print(f"xfer pretrain: cannot write --out {args.out}: {_one_line(error)}", file=sys.stderr)
+        return 1
+    report = {
+        "backend": _label(backend),
+        "seed": args.seed,
+        "out": args.out,
+        "digest": digest,
+        "source_accuracy": accuracy,
+    }
     if args.format == "json":
-        report = dataclasses.asdict(result)
-        report["backend"] = _label(backend)
         print(json.dumps(report))
     else:
-        origin = "loaded from the cache" if result.pretrained_cached else "pretrained now"
         print(
-            f"xfer run: {_label(backend)} {_version(backend)}, preset {args.preset}, BN policy {args.bn or 'of the preset'}"
+            f"xfer pretrain: {_label(backend)}, seed {args.seed}: source validation accuracy "
+            f"{accuracy:.3f}\nwrote {args.out} ({digest}); use it with "
+            f"`xfer run --weights {args.out}`"
         )
-        print(
-            f"source model (digits 0-4, {origin}): validation accuracy {result.source_accuracy:.3f}"
-        )
-        print(
-            "target: digits 5-9, ink inverted and contrast changed, 20 labelled images per class\n"
-        )
-        print(result.history)
-    return 0 if result.history.ok else 1
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -269,12 +335,27 @@ def build_parser() -> argparse.ArgumentParser:
     semantics.add_argument("--format", choices=("text", "json", "markdown"), default="text")
     semantics.add_argument("--quiet", action="store_true", help="no progress lines")
     semantics.set_defaults(run=cmd_semantics)
+    pretrain = commands.add_parser("pretrain", help=cmd_pretrain.__doc__)
+    pretrain.add_argument("--out", required=True, metavar="PATH", help="the .safetensors to write")
+    pretrain.add_argument(
+        "--backend", choices=_config.BACKENDS, help="default: XFER_BACKEND or the first installed"
+    )
+    pretrain.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    pretrain.add_argument("--format", choices=("text", "json"), default="text")
+    pretrain.add_argument("--quiet", action="store_true", help="no progress lines")
+    pretrain.set_defaults(run=cmd_pretrain)
     from xfer.policy import PRESETS as BN_PRESETS
     from xfer.presets import PRESETS
 
     for name, handler in (("run", cmd_run), ("compare", cmd_compare)):
         sub = commands.add_parser(name, help=handler.__doc__)
         if name == "run":
+            sub.add_argument(
+                "--weights",
+                metavar="PATH",
+                help="neutral weights of the source model (default: the shipped ones for "
+                "seed 0, pretrained now for another seed)",
+            )
             sub.add_argument(
                 "--checkpoint", metavar="DIR", help="save a checkpoint after each stage here"
             )
