@@ -160,10 +160,31 @@ def _install_pin(layer, mode: str | None) -> None:
 
 
 def _parents(unit: Unit) -> list:
-    parents, layer = [], unit.root
-    for segment in unit.path.split(".") if unit.path else []:
-        parents.append(layer)
-        layer = next(c for c in _children(layer) if _segment(layer, c) == segment)
+    """The layers from the root down to ``unit``'s parent.
+
+    Found by identity, not by splitting the path: a layer name may contain a dot
+    (``mobilenetv2_1.00_224``, ``Sequential(name="a.b")``).
+    """
+
+    def chain(layer, target, seen) -> list | None:
+        for child in _children(layer):
+            if child is target:
+                return [layer]
+            if id(child) not in seen:
+                seen.add(id(child))
+                below = chain(child, target, seen)
+                if below is not None:
+                    return [layer, *below]
+        return None
+
+    if unit.native is unit.root:
+        return []
+    parents = chain(unit.root, unit.native, set())
+    if parents is None:
+        raise ValueError(
+            f"xfer cannot find the Keras layer {unit.path!r} inside its model any more; "
+            "was the model changed after xfer listed its units? Call the operation again."
+        )
     return parents
 
 

@@ -65,3 +65,34 @@ def test_keras_engine_is_chosen_once_and_said(tmp_path):
 def test_unsupported_model_is_a_type_error_naming_supported_types():
     with pytest.raises(TypeError, match="expected a keras.Layer/keras.Model, a torch.nn.Module"):
         xfer.freeze([1, 2, 3])
+
+
+def test_an_unknown_backend_for_a_reference_model_lists_the_backends():
+    with pytest.raises(ValueError, match="Unknown xfer backend 'tensorflow'.*torch, keras, flax"):
+        xfer.models.small_cnn(4, backend="tensorflow")
+
+
+@pytest.mark.skipif(not _config.is_installed("keras"), reason="keras not installed")
+def test_keras_on_the_tensorflow_engine_is_refused_with_the_engines_to_set(tmp_path):
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "KERAS_HOME": str(tmp_path)}
+    code = "import xfer; xfer.set_backend('keras')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode != 0
+    assert "xfer supports the jax and torch engines of Keras" in out.stderr
+    assert "set KERAS_BACKEND=jax or torch" in out.stderr
+    assert "keras/src" not in out.stderr  # refused before Keras's own import fails
+
+
+def test_empty_and_object_images_are_refused_before_training():
+    import numpy as np
+
+    from xfer import data
+
+    empty = (np.zeros((0, 8, 8, 3), "float32"), np.zeros((0,), "int64"))
+    with pytest.raises(ValueError, match="train: no examples"):
+        data.check(empty, name="train", num_classes=4, in_channels=3)
+    objects = (np.empty((2, 8, 8, 3), object), np.array([0, 1]))
+    with pytest.raises(TypeError, match="train: images must be numbers.*got object"):
+        data.check(objects, name="train", num_classes=4, in_channels=3)
+    with pytest.raises(TypeError, match="train: images must be numbers.*got object"):
+        data.check([objects], name="train", num_classes=4, in_channels=3)

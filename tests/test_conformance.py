@@ -255,6 +255,36 @@ def _bad_calls():
             ValueError,
             "Unknown mode 'on'",
         ),
+        # "no" is truthy: applied as given it made a unit trainable on keras-jax and flax,
+        # and on torch raised a raw TypeError after changing every unit before it.
+        "non-bool trainable in state": (
+            lambda m: xfer.import_state(
+                m,
+                {
+                    **xfer.export_state(m),
+                    "units": {
+                        **xfer.export_state(m)["units"],
+                        "head.dense": {"trainable": "no", "mode": "inherit"},
+                        "base.block1.conv": {"trainable": "no", "mode": "inherit"},
+                    },
+                },
+            ),
+            ValueError,
+            r"trainable must be True, False or None .*got base\.block1\.conv \('no'\), "
+            r"head\.dense \('no'\)",
+        ),
+        "state entry not a dict": (
+            lambda m: xfer.import_state(
+                m, {**xfer.export_state(m), "units": {p: "frozen" for p in UNIT_PATHS}}
+            ),
+            ValueError,
+            "expected a dict with 'trainable' and 'mode'",
+        ),
+        "non-string mode": (
+            lambda m: xfer.set_mode(m, ["inference"]),
+            ValueError,
+            "Unknown mode",
+        ),
     }
 
 
@@ -268,3 +298,51 @@ def test_bad_input_is_a_clear_error_and_leaves_the_model_unchanged(kit, case):
         call(model)
     assert xfer.export_state(model) == state
     assert_unchanged(weights, xfer.snapshot(model), list(weights))
+
+
+def _fail_on_call(monkeypatch, adapter, method, n):
+    """Make the ``n``-th call of ``adapter.<method>`` fail, after the calls before it ran."""
+    original, calls = getattr(adapter, method), []
+
+    def change_then_fail(*args):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("device lost")
+        original(*args)
+
+    monkeypatch.setattr(adapter, method, change_then_fail)
+    return original
+
+
+# Each call changes a unit before the n-th call of the adapter method fails.
+_MIDWAY = {
+    "freeze": (lambda m: xfer.freeze(m, S.all()), "set_trainable", 3),
+    "unfreeze": (lambda m: xfer.unfreeze(m, S.all()), "set_trainable", 3),
+    "set_mode": (lambda m: xfer.set_mode(m, "train", S.all()), "set_mode", 3),
+    "set_bn": (lambda m: xfer.set_bn(m, "frozen"), "set_mode", 2),
+    "import_state": (lambda m: xfer.import_state(m, _all_frozen_state(m)), "set_trainable", 3),
+}
+
+
+@pytest.mark.parametrize("case", list(_MIDWAY))
+def test_a_failure_midway_puts_the_previous_state_back(kit, monkeypatch, case):
+    model = kit.model()
+    xfer.freeze(model, S.type("conv"), bn=None)
+    xfer.set_mode(model, "inference", S.path("head.drop"))
+    state, weights = xfer.export_state(model), xfer.snapshot(model)
+    call, method, n = _MIDWAY[case]
+    _fail_on_call(monkeypatch, xfer._adapter.find_adapter(model), method, n)
+    with pytest.raises(RuntimeError, match="device lost"):
+        call(model)
+    monkeypatch.undo()
+    assert xfer.export_state(model) == state
+    assert_unchanged(weights, xfer.snapshot(model), list(weights))
+
+
+def _all_frozen_state(model):
+    state = xfer.export_state(model)
+    for entry in state["units"].values():
+        if entry["trainable"] is not None:
+            entry["trainable"] = False
+        entry["mode"] = "inference"
+    return state

@@ -202,3 +202,31 @@ def test_snapshot_names_and_parameter_counts(kit):
     assert snap["base.block1.conv.kernel"].shape == (3, 3, 3, 8)  # HWIO, the neutral layout
     counts = {r.path: (r.n_trainable, r.n_frozen) for r in xfer.summary(model, print_fn=None).rows}
     assert counts["base.block1.bn"] == (16, 0)  # moving statistics are not parameters
+
+
+def _dotted_model():
+    import keras
+
+    inner = keras.Sequential(
+        [keras.layers.Dense(4, name="dense"), keras.layers.BatchNormalization(name="bn")],
+        name="a.b",
+    )
+    inputs = keras.Input((3,))
+    nested = keras.Model(inputs, keras.layers.Dense(2, name="out")(inner(inputs)), name="m")
+    return nested
+
+
+# Keras on torch cannot build such a model at all (torch refuses "." in parameter names).
+@pytest.mark.backends("keras-jax")
+def test_state_ops_work_on_layers_whose_names_have_a_dot(kit):
+    # _parents used to walk the dotted path and raise a bare StopIteration after the
+    # first unit had changed.
+    model = _dotted_model()
+    xfer.freeze(model, S.all())
+    xfer.unfreeze(model, S.all())
+    assert all(e["trainable"] in (True, None) for e in xfer.export_state(model)["units"].values())
+    assert model.trainable_weights
+    xfer.set_bn(model, "frozen")
+    xfer.set_bn(model, "affine")
+    bns = [u for u in xfer._adapter.find_adapter(model).units(model) if u.is_bn]
+    assert bns and all(u.native.gamma.trainable for u in bns)

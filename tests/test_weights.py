@@ -170,8 +170,29 @@ def _bad_weights():
         ),
         "string array": (strings, ValueError, r"non-numeric arrays \(1\): head\.dense\.bias"),
         "not a dict": (lambda w: list(w.values()), TypeError, "expected a dict of name"),
+        # Values that would load and then make training blame "a learning rate too high".
+        "nan and inf": (
+            lambda w: _poke(_poke(w, "head.dense.kernel", np.nan), "base.block1.conv.bias", np.inf),
+            ValueError,
+            r"NaN or infinite values \(2\): base\.block1\.conv\.bias, head\.dense\.kernel",
+        ),
+        "negative moving variance": (
+            lambda w: _poke(w, "base.block2.bn.moving_variance", -1.0),
+            ValueError,
+            r"negative moving variances \(1\): base\.block2\.bn\.moving_variance",
+        ),
+        "float64 overflowing float32": (
+            lambda w: {**w, "head.dense.bias": np.full(4, 1e300)},
+            ValueError,
+            r"too large for float32 \(1\): head\.dense\.bias",
+        ),
         "non-string name": (lambda w: {**w, 3: np.zeros(1)}, TypeError, "names must be strings"),
     }
+
+
+def _poke(weights, key, value):
+    weights[key].flat[0] = value
+    return weights
 
 
 @pytest.mark.parametrize("case", list(_bad_weights()))
@@ -267,6 +288,50 @@ def test_loading_a_file_that_is_not_xfer_weights_is_a_clear_error(kit, tmp_path)
         xfer.load_weights(model, junk)
     with pytest.raises(FileNotFoundError, match="no file at"):
         xfer.load_weights(model, tmp_path / "missing.safetensors")
+    assert_same_weights(xfer.snapshot(model), before)
+
+
+def _write_header_only_safetensors(path, tensors: dict, metadata: dict) -> None:
+    """A valid safetensors file of BF16 tensors: numpy cannot read BF16, so any attempt
+    to read a tensor fails, and an error about names proves none was read."""
+    import json
+    import struct
+
+    header, offset = {"__metadata__": metadata}, 0
+    for key, shape in tensors.items():
+        size = 2 * int(np.prod(shape))
+        header[key] = {
+            "dtype": "BF16",
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(offset))
+
+
+def test_load_checks_the_header_before_reading_any_tensor(kit, tmp_path):
+    model = kit.model()
+    before = xfer.snapshot(model)
+    wrong = tmp_path / "wrong_names.safetensors"
+    _write_header_only_safetensors(
+        wrong, {"encoder.weight": (64, 64)}, {"format": "xfer-neutral-weights/1"}
+    )
+    with pytest.raises(ValueError, match=r"(?s)unexpected names \(1\): encoder\.weight"):
+        xfer.load_weights(model, wrong)
+    foreign = tmp_path / "foreign.safetensors"
+    _write_header_only_safetensors(foreign, {"encoder.weight": (64, 64)}, {"format": "pt"})
+    with pytest.raises(ValueError, match="not xfer neutral weights"):
+        xfer.load_weights(model, foreign)
+    shapes = tmp_path / "wrong_shape.safetensors"
+    _write_header_only_safetensors(
+        shapes,
+        {**NEUTRAL_SHAPES, "head.dense.kernel": (8, 5)},
+        {"format": "xfer-neutral-weights/1"},
+    )
+    with pytest.raises(ValueError, match=r"shape mismatches \(1\): head\.dense\.kernel"):
+        xfer.load_weights(model, shapes)
     assert_same_weights(xfer.snapshot(model), before)
 
 

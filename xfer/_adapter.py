@@ -226,10 +226,15 @@ _adapters: dict[str, Adapter] = {}
 
 
 def load_adapter(backend: str) -> Adapter:
-    """The adapter of ``backend``, importing its module (and so the framework)."""
-    if backend not in _adapters:
-        from xfer import _config
+    """The adapter of ``backend``, importing its module (and so the framework).
 
+    Raises ``ValueError`` listing the backends for an unknown name, ``ImportError`` naming
+    the extra to install for a missing framework.
+    """
+    from xfer import _config
+
+    backend = _config._validate(backend)
+    if backend not in _adapters:
         _config.require(backend)
         module = importlib.import_module(f"xfer.backends.{backend}")
         _adapters[backend] = module.ADAPTER

@@ -56,7 +56,16 @@ def require(backend: str) -> None:
 
 def _choose_keras_engine() -> None:
     """Keras reads KERAS_BACKEND once, at import; pick an installed engine if unset."""
-    if os.environ.get("KERAS_BACKEND") or "keras" in sys.modules:
+    if "keras" in sys.modules:
+        return
+    engine = os.environ.get("KERAS_BACKEND")
+    if engine:
+        # Refused here, before Keras's import fails deep in its own traceback.
+        if engine.lower() not in _KERAS_ENGINES:
+            raise ImportError(
+                f"KERAS_BACKEND={engine} is not an engine xfer can use: xfer supports the "
+                "jax and torch engines of Keras; set KERAS_BACKEND=jax or torch."
+            )
         return
     for engine in _KERAS_ENGINES:
         if is_installed(engine):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import sys
 
 from xfer import _config
@@ -405,15 +406,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# xfer's errors for bad input (a name, a value, a path, a missing framework): the message
+# says what to fix, so the user sees it alone; anything else is a bug and keeps its traceback.
+_BAD_INPUT = (ValueError, TypeError, ImportError, FileNotFoundError, NotADirectoryError,
+              IsADirectoryError, FileExistsError, PermissionError)  # fmt: skip
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``xfer`` console script.
+
+    xfer's own errors come out as one line on stderr, ``xfer <command>: <message>``, with
+    exit status 2 for bad input (a name, value, path or missing framework) and 1 for a run
+    that failed (a non-finite loss); Ctrl-C exits 130. ``XFER_DEBUG=1`` shows the traceback.
 
     Example:
         >>> from xfer.cli import main
         >>> main(["info", "--format", "json"])   # doctest: +SKIP
     """
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        if os.environ.get("XFER_DEBUG"):
+            raise
+        print(f"xfer {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        status = _exit_status(error)
+        if status is None or os.environ.get("XFER_DEBUG"):
+            raise
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"xfer {args.command}: {message or type(error).__name__}", file=sys.stderr)
+        return status
+
+
+def _exit_status(error: Exception) -> int | None:
+    """2 for bad input, 1 for a failed run, ``None`` for an error that is not xfer's to word."""
+    from xfer.pipeline import NonFiniteLoss  # imports no framework
+
+    if isinstance(error, NonFiniteLoss):
+        return EXIT_FAILED
+    return EXIT_BAD_INPUT if isinstance(error, _BAD_INPUT) else None
 
 
 if __name__ == "__main__":

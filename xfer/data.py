@@ -49,8 +49,16 @@ def check(data: Data, *, name: str, num_classes: int, in_channels: int) -> None:
         ...       name="train", num_classes=4, in_channels=3)
     """
     first_images(data, name=name)
+    examples = 0
     for x, y in [data] if is_arrays(data) else data:
         x, y = np.asarray(x), np.asarray(y)
+        if x.dtype.kind not in "biuf":
+            # Checked first: isfinite on object arrays is a raw numpy TypeError.
+            raise TypeError(
+                f"{name}: images must be numbers (float32, or integers such as uint8 pixels), "
+                f"got {x.dtype} arrays. Convert them first, e.g. np.asarray(images, 'float32')."
+            )
+        examples += len(x)
         if x.ndim != 4 or x.shape[-1] != in_channels:
             raise ValueError(
                 f"{name}: images must be (batch, height, width, {in_channels}) channels-last, "
@@ -71,6 +79,10 @@ def check(data: Data, *, name: str, num_classes: int, in_channels: int) -> None:
                 f"{name}: labels must lie in [0, {num_classes}) for this model's "
                 f"{num_classes} outputs, got values from {y.min()} to {y.max()}."
             )
+    if not examples:
+        raise ValueError(
+            f"{name}: no examples (every batch is empty). Pass at least one image and label."
+        )
 
 
 def batches(

@@ -1,8 +1,10 @@
 """The state operations: freeze, unfreeze, set_mode, set_bn, snapshot, export/import.
 
-Each operation validates everything first (model, selector, mode, policy), then plans
-the changes, then applies them through the model's adapter, so bad input leaves the
-model unchanged.
+Each operation is all-or-nothing: it validates the whole request against the whole model
+(selector, mode, policy, every value of a saved state), plans every unit's change, then
+applies the plan through the model's adapter. Bad input leaves the model unchanged, and
+if applying still fails midway (a framework error, an interrupt) the state from before
+the call is put back before the error propagates.
 """
 
 from __future__ import annotations
@@ -82,15 +84,11 @@ def freeze(
     """
     where = S.all() if where is None else where
     policy = BNPolicy.of(bn) if bn is not None else None
-    adapter, _, selected = resolve(model, where)
-    owning = _with_params(selected, where, "freeze")
-    for unit in owning:
-        adapter.set_trainable(unit, False)
+    adapter, units, selected = resolve(model, where)
+    plan = {u.path: (u, False, None) for u in _with_params(selected, where, "freeze")}
     if policy is not None:
-        for unit in selected:
-            if unit.is_bn:
-                adapter.set_trainable(unit, policy.trainable)
-                adapter.set_mode(unit, policy.mode)
+        plan.update({u.path: (u, policy.trainable, policy.mode) for u in selected if u.is_bn})
+    _apply(adapter, units, list(plan.values()))
 
 
 def unfreeze(model: Any, where: S.Selector | None = None) -> None:
@@ -105,9 +103,8 @@ def unfreeze(model: Any, where: S.Selector | None = None) -> None:
         >>> xfer.unfreeze(model, S.top(2))                  # doctest: +SKIP
     """
     where = S.all() if where is None else where
-    adapter, _, selected = resolve(model, where)
-    for unit in _with_params(selected, where, "unfreeze"):
-        adapter.set_trainable(unit, True)
+    adapter, units, selected = resolve(model, where)
+    _apply(adapter, units, [(u, True, None) for u in _with_params(selected, where, "unfreeze")])
 
 
 def set_mode(model: Any, mode: str, where: S.Selector | None = None) -> None:
@@ -123,9 +120,8 @@ def set_mode(model: Any, mode: str, where: S.Selector | None = None) -> None:
     """
     mode = _check_mode(mode)
     where = S.all() if where is None else where
-    adapter, _, selected = resolve(model, where)
-    for unit in selected:
-        adapter.set_mode(unit, mode)
+    adapter, units, selected = resolve(model, where)
+    _apply(adapter, units, [(u, None, mode) for u in selected])
 
 
 def set_bn(model: Any, policy: str | BNPolicy, where: S.Selector | None = None) -> None:
@@ -139,16 +135,14 @@ def set_bn(model: Any, policy: str | BNPolicy, where: S.Selector | None = None) 
     """
     policy = BNPolicy.of(policy)
     where = S.bn() if where is None else where
-    adapter, _, selected = resolve(model, where)
+    adapter, units, selected = resolve(model, where)
     bns = [u for u in selected if u.is_bn]
     if not bns:
         raise SelectionError(
             f"set_bn: selector {where!r} matches no BatchNorm unit "
             f"(it matches {_some_paths(selected, 4)}). Use S.bn() or a path inside a block."
         )
-    for unit in bns:
-        adapter.set_trainable(unit, policy.trainable)
-        adapter.set_mode(unit, policy.mode)
+    _apply(adapter, units, [(u, policy.trainable, policy.mode) for u in bns])
 
 
 def snapshot(model: Any) -> dict[str, np.ndarray]:
@@ -229,9 +223,8 @@ def export_state(model: Any) -> dict[str, Any]:
     adapter = find_adapter(model)
     units = {}
     for unit in adapter.units(model):
-        n_trainable, n_frozen = adapter.param_counts(unit)
-        trainable = None if n_trainable + n_frozen == 0 else n_frozen == 0
-        units[unit.path] = {"trainable": trainable, "mode": adapter.get_mode(unit)}
+        trainable, mode = _unit_state(adapter, unit)
+        units[unit.path] = {"trainable": trainable, "mode": mode}
     return {"xfer_state": STATE_FORMAT, "backend": adapter.name, "units": units}
 
 
@@ -260,9 +253,74 @@ def import_state(model: Any, state: dict[str, Any]) -> None:
             f"paths only in the model: {missing[:8] or 'none'}. "
             "Load it into the same architecture it was exported from."
         )
+    _check_entries(saved)
+    plan = [(units[path], entry["trainable"], entry["mode"]) for path, entry in saved.items()]
+    _apply(adapter, list(units.values()), plan)
+
+
+def _check_entries(saved: dict[str, Any]) -> None:
+    """Refuse a saved state with any malformed entry, listing every offending path."""
+    not_dicts = [
+        p
+        for p, e in saved.items()
+        if not isinstance(e, dict) or not {"trainable", "mode"} <= set(e)
+    ]
+    if not_dicts:
+        raise ValueError(
+            f"import_state: the entries of {_shown(not_dicts)} are not xfer unit states: "
+            "expected a dict with 'trainable' and 'mode' for every path, as "
+            "xfer.export_state writes it."
+        )
+    # bool only: "no" or 0 would be applied as truthy, or as a framework TypeError midway.
+    bad = [
+        f"{p} ({e['trainable']!r})"
+        for p, e in saved.items()
+        if not isinstance(e["trainable"], (bool, type(None)))
+    ]
+    if bad:
+        raise ValueError(
+            f"import_state: trainable must be True, False or None (a unit without parameters), "
+            f"got {_shown(bad)}. Fix the saved state or export it again with xfer.export_state."
+        )
     for entry in saved.values():
-        _check_mode(entry.get("mode"))
-    for path, entry in saved.items():
-        if entry["trainable"] is not None:
-            adapter.set_trainable(units[path], entry["trainable"])
-        adapter.set_mode(units[path], entry["mode"])
+        _check_mode(entry["mode"])
+
+
+def _shown(names: Sequence[str], limit: int = 8) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+Change = tuple[Unit, "bool | None", "str | None"]  # unit, trainable (None: keep), mode (None: keep)
+
+
+def _apply(adapter: Adapter, units: list[Unit], plan: list[Change]) -> None:
+    """Apply a validated plan; if it fails midway, put the state from before back and re-raise.
+
+    Validation leaves little to fail here (a framework error, an interrupt), but a half-applied
+    state is the worst outcome: some units frozen, others not, with nothing saying so.
+    """
+    before = [(u, *_unit_state(adapter, u)) for u in units]
+    try:
+        _set(adapter, plan)
+    except BaseException as error:
+        try:
+            _set(adapter, before)
+        except Exception as rollback_error:  # the original error matters more; say both
+            error.add_note(f"xfer could not put the previous state back: {rollback_error!r}")
+        raise
+
+
+def _set(adapter: Adapter, plan: list[Change]) -> None:
+    for unit, trainable, mode in plan:
+        if trainable is not None:
+            adapter.set_trainable(unit, trainable)
+        if mode is not None:
+            adapter.set_mode(unit, mode)
+
+
+def _unit_state(adapter: Adapter, unit: Unit) -> tuple[bool | None, str]:
+    """The unit's (trainable, mode) as :func:`export_state` records them."""
+    n_trainable, n_frozen = adapter.param_counts(unit)
+    trainable = None if n_trainable + n_frozen == 0 else n_frozen == 0
+    return trainable, adapter.get_mode(unit)

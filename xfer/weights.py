@@ -55,7 +55,9 @@ def import_weights(model: Any, weights: Mapping[str, Any]) -> None:
 
     Raises:
         TypeError: ``weights`` is not a mapping of names to arrays.
-        ValueError: names missing, names unexpected or shapes different (all listed at once).
+        ValueError: names missing, names unexpected or shapes different (all listed at
+            once); or values that would wreck training: NaN or inf, values that overflow
+            the model's dtype (float64 1e300 into float32), negative BN moving variances.
 
     Example:
         >>> import xfer
@@ -89,6 +91,8 @@ def load_weights(model: Any, path: str | os.PathLike) -> None:
     """Load a file written by :func:`save_weights` (on any backend) into ``model``.
 
     Validated as :func:`import_weights` validates: on any mismatch the model is unchanged.
+    The format, names and shapes are checked from the file's header before any tensor is
+    read, so a foreign or mismatched file of any size is refused at once.
 
     Raises:
         ValueError: the file is not a safetensors file, or not one written by xfer, or its
@@ -103,15 +107,35 @@ def load_weights(model: Any, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load_weights: no file at {path!r}.")
+    # The header first (format, names, shapes): a foreign or mismatched file is refused
+    # before a single tensor is read, whatever its size.
     try:
         with safe_open(path, framework="np") as f:
             metadata = f.metadata() or {}
-            weights = {key: f.get_tensor(key) for key in f.keys()}
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except Exception as error:
         raise ValueError(
             f"load_weights: {path!r} is not a safetensors file ({error}). "
             "Expected a file written by xfer.save_weights."
         ) from None
+    _check_format(path, metadata)
+    source = f"the weights in {path!r} (saved from {metadata.get('backend', '?')})"
+    adapter = find_adapter(model)
+    current = dict(adapter.weight_arrays(model))  # views: only shapes are read here
+    _refuse(adapter, model, "load_weights", source, _layout(current, shapes))
+    del current
+    try:
+        with safe_open(path, framework="np") as f:
+            weights = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as error:
+        raise ValueError(
+            f"load_weights: the tensors of {path!r} cannot be read ({error}). "
+            "Expected a file written by xfer.save_weights."
+        ) from None
+    _import(model, weights, "load_weights", source)
+
+
+def _check_format(path: str, metadata: dict) -> None:
     if metadata.get("format") != FORMAT:
         raise ValueError(
             f"load_weights: {path!r} is a safetensors file but not xfer neutral weights "
@@ -119,8 +143,6 @@ def load_weights(model: Any, path: str | os.PathLike) -> None:
             "Write it with xfer.save_weights, or load a dict with xfer.import_weights after "
             "renaming and transposing its arrays to the neutral layout."
         )
-    source = f"the weights in {path!r} (saved from {metadata.get('backend', '?')})"
-    _import(model, weights, "load_weights", source)
 
 
 def _import(model: Any, weights: Mapping[str, Any], op: str, source: str) -> None:
@@ -171,37 +193,106 @@ def _validate(
             "into. Build it first: Keras model.build(input_shape) or one call on a batch; "
             "PyTorch lazy modules, one forward pass."
         )
-    missing = [k for k in current if k not in arrays]
-    unexpected = [k for k in arrays if k not in current]
-    wrong_shape = [
-        f"{k}: expected {tuple(current[k].shape)}, got {tuple(arrays[k].shape)}"
-        for k in current
-        if k in arrays and arrays[k].shape != current[k].shape
-    ]
+    shapes = {k: tuple(a.shape) for k, a in arrays.items()}
     wrong_dtype = [
         f"{k} ({arrays[k].dtype})"
         for k in current
         if k in arrays and not _castable(arrays[k].dtype, current[k].dtype)
     ]
-    problems = [
+    _refuse(
+        adapter,
+        model,
+        op,
+        source,
+        [*_layout(current, shapes), ("non-numeric arrays", wrong_dtype, ", ")],
+    )
+    prepared = {k: _cast(arrays[k], current[k].dtype) for k in current}
+    _refuse_values(adapter, model, op, source, arrays, prepared)
+    return prepared
+
+
+def _layout(current: Mapping[str, np.ndarray], shapes: Mapping[str, tuple]) -> list:
+    """(what, offending names, separator) for names missing, unexpected and of the wrong shape."""
+    missing = [k for k in current if k not in shapes]
+    unexpected = [k for k in shapes if k not in current]
+    wrong_shape = [
+        f"{k}: expected {tuple(current[k].shape)}, got {tuple(shapes[k])}"
+        for k in current
+        if k in shapes and tuple(shapes[k]) != tuple(current[k].shape)
+    ]
+    return [
+        ("missing names", missing, ", "),
+        ("unexpected names", unexpected, ", "),
+        ("shape mismatches", wrong_shape, "; "),
+    ]
+
+
+def _refuse(adapter: Adapter, model: Any, op: str, source: str, problems: list) -> None:
+    listed = [
         f"\n  {what} ({len(names)}): {_listed(names, sep)}"
-        for names, what, sep in (
-            (missing, "missing names", ", "),
-            (unexpected, "unexpected names", ", "),
-            (wrong_shape, "shape mismatches", "; "),
-            (wrong_dtype, "non-numeric arrays", ", "),
-        )
+        for what, names, sep in problems
         if names
     ]
-    if problems:
+    if listed:
         raise ValueError(
             f"{op}: {source} do not fit this {type(model).__name__} ({adapter.name}); "
-            f"the model was left unchanged.{''.join(problems)}\n"
+            f"the model was left unchanged.{''.join(listed)}\n"
             "Neutral weights load into the same architecture they were exported from (same "
             "layers, widths and number of classes): export them with xfer.export_weights or "
             "xfer.save_weights from the same reference model, built with the same arguments."
         )
-    return {k: arrays[k].astype(current[k].dtype, copy=False) for k in current}
+
+
+def _cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by name instead
+        return array.astype(dtype, copy=False)
+
+
+def _refuse_values(
+    adapter: Adapter,
+    model: Any,
+    op: str,
+    source: str,
+    given: Mapping[str, np.ndarray],
+    prepared: Mapping[str, np.ndarray],
+) -> None:
+    """Refuse values that would load fine and then wreck training, where the loss curve
+    would blame the learning rate: NaN/inf, finite values that overflow the model's dtype,
+    and negative BN moving variances (the square root of one is NaN)."""
+    non_finite = [k for k in prepared if not _finite(given[k])]
+    overflow = [k for k in prepared if k not in non_finite and not _finite(prepared[k])]
+    negative = [
+        k
+        for k in prepared
+        if k.rsplit(".", 1)[-1] in _VARIANCES and _finite(prepared[k]) and (prepared[k] < 0).any()
+    ]
+    if non_finite or overflow or negative:
+        dtypes = sorted({str(prepared[k].dtype) for k in overflow})
+        problems = [
+            ("NaN or infinite values", non_finite),
+            (f"values too large for {', '.join(dtypes)}", overflow),
+            ("negative moving variances", negative),
+        ]
+        listed = "".join(
+            f"\n  {what} ({len(names)}): {_listed(names)}" for what, names in problems if names
+        )
+        raise ValueError(
+            f"{op}: {source} hold values this {type(model).__name__} ({adapter.name}) must "
+            f"not train from; the model was left unchanged.{listed}\n"
+            "Fix or re-export the source weights: a NaN, an overflow to inf or a negative "
+            "variance would show up later as a diverging loss, not as a loading error."
+        )
+
+
+_VARIANCES = ("moving_variance", "running_var")
+
+
+def _finite(array: np.ndarray) -> bool:
+    if array.dtype.kind in "biu":
+        return True
+    if array.dtype.kind != "f":  # e.g. ml_dtypes bfloat16
+        array = array.astype("float32")
+    return bool(np.isfinite(array).all())
 
 
 def _as_array(value: Any) -> np.ndarray | None:

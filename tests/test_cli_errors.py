@@ -1,0 +1,114 @@
+"""Bad input to the console script: one line on stderr, no traceback, a non-zero status.
+
+Each test runs the real ``python -m xfer`` in a subprocess with this worktree's xfer, an
+empty cache and home, as a user would meet it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import xfer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(xfer.__file__)))
+
+
+def _xfer(tmp_path, *args, **env):
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    environ = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([ROOT, str(tmp_path / "shadow")]),
+        "HOME": str(home),
+        "XFER_CACHE": str(tmp_path / "cache"),
+        "KERAS_HOME": str(home / ".keras"),
+        "JAX_PLATFORMS": "cpu",
+        **env,
+    }
+    if "XFER_DEBUG" not in env:
+        environ.pop("XFER_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "xfer", *args],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=300,
+    )
+
+
+def _assert_one_line(out, command: str, message: str, status: int = 2) -> None:
+    assert out.returncode == status, out.stderr
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"xfer {command}: ")
+    assert message in lines[0]
+
+
+def test_an_unknown_backend_in_the_environment_is_one_line(tmp_path):
+    out = _xfer(tmp_path, "run", "--quiet", XFER_BACKEND="nope")
+    _assert_one_line(out, "run", "Unknown xfer backend 'nope'")
+
+
+def test_keras_on_tensorflow_is_one_line(tmp_path):
+    out = _xfer(tmp_path, "run", "--quiet", "--backend", "keras", KERAS_BACKEND="tensorflow")
+    _assert_one_line(out, "run", "set KERAS_BACKEND=jax or torch")
+
+
+def test_a_backend_whose_framework_cannot_be_imported_is_one_line(tmp_path):
+    # A package that is found but fails to import, as a broken install does.
+    shadow = tmp_path / "shadow" / "flax"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('flax is broken here')\n")
+    out = _xfer(tmp_path, "run", "--quiet", "--backend", "flax")
+    _assert_one_line(out, "run", "flax is broken here")
+
+
+def test_a_checkpoint_below_a_regular_file_is_one_line(tmp_path):
+    regular = tmp_path / "FILE"
+    regular.write_text("not a directory")
+    out = _xfer(
+        tmp_path,
+        "run",
+        "--quiet",
+        "--quick",
+        "--backend",
+        "torch",
+        "--checkpoint",
+        str(regular / "ckpt"),
+    )
+    assert out.returncode in (1, 2), out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("xfer run: ")
+    assert regular.read_text() == "not a directory"
+
+
+def test_xfer_debug_keeps_the_traceback(tmp_path):
+    out = _xfer(tmp_path, "run", "--quiet", XFER_BACKEND="nope", XFER_DEBUG="1")
+    assert out.returncode != 0
+    assert "Traceback" in out.stderr and "Unknown xfer backend 'nope'" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "error, status",
+    [
+        (ValueError("bad\nvalue"), 2),
+        (FileNotFoundError("no such file"), 2),
+        (KeyboardInterrupt(), 130),
+    ],
+)
+def test_main_turns_errors_into_a_status_and_one_line(monkeypatch, capsys, error, status):
+    from xfer import cli
+
+    def fail(args):
+        raise error
+
+    monkeypatch.delenv("XFER_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "cmd_info", fail)
+    assert cli.main(["info"]) == status
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("xfer info: ")
