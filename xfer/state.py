@@ -303,11 +303,9 @@ def _apply(adapter: Adapter, units: list[Unit], plan: list[Change]) -> None:
     before = [(u, *_unit_state(adapter, u)) for u in units]
     try:
         _set(adapter, plan)
-    except BaseException as error:
-        try:
-            _set(adapter, before)
-        except Exception as rollback_error:  # the original error matters more; say both
-            error.add_note(f"xfer could not put the previous state back: {rollback_error!r}")
+    except BaseException:
+        # Should putting it back fail too, Python reports both errors, the first as context.
+        _set(adapter, before)
         raise
 
 
