@@ -112,3 +112,18 @@ def test_main_turns_errors_into_a_status_and_one_line(monkeypatch, capsys, error
     assert cli.main(["info"]) == status
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("xfer info: ")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "--seed", "-1"], "argument --seed: expected an integer >= 0, got '-1'"),
+        (["run", "--seed", "0.5"], "argument --seed: expected an integer >= 0, got '0.5'"),
+        (["run", "--backend", "tensorflow"], "argument --backend: invalid choice: 'tensorflow'"),
+        (["compare", "--bn", "freeze"], "argument --bn: invalid choice: 'freeze'"),
+    ],
+)
+def test_a_bad_option_is_one_line_before_anything_runs(tmp_path, args, message):
+    out = _xfer(tmp_path, *args)
+    _assert_one_line(out, args[0], message)
+    assert out.stderr.strip().endswith(f"(see xfer {args[0]} --help)")

@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import os
 import sys
+from typing import NoReturn
 
 from xfer import _config
 
@@ -309,8 +310,27 @@ def _keras_engine() -> str:
     return engine()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (``xfer run: argument --seed: ...``) like
+    every other error of the CLI; ``--help`` still shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _seed(text: str) -> int:
+    """argparse type of --seed: it seeds numpy's generator, which takes no negative."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xfer", description=__doc__)
+    parser = _Parser(prog="xfer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help=cmd_info.__doc__)
     info.add_argument("--format", choices=("text", "json"), default="text")
@@ -322,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=_config.BACKENDS,
         help="repeatable; default: every installed backend",
     )
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--format", choices=("text", "json"), default="text")
     demo.add_argument("--quiet", action="store_true", help="no progress lines")
     demo.set_defaults(run=cmd_demo)
@@ -341,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument(
         "--backend", choices=_config.BACKENDS, help="default: XFER_BACKEND or the first installed"
     )
-    pretrain.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    pretrain.add_argument("--seed", type=_seed, default=0, help="initialisation and data order")
     pretrain.add_argument("--format", choices=("text", "json"), default="text")
     pretrain.add_argument("--quiet", action="store_true", help="no progress lines")
     pretrain.set_defaults(run=cmd_pretrain)
@@ -396,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
             choices=tuple(BN_PRESETS),
             help="BN policy for every stage (default: the preset's)",
         )
-        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--seed", type=_seed, default=0)
         sub.add_argument("--format", choices=("text", "json"), default="text")
         sub.add_argument("--quiet", action="store_true", help="no progress lines")
         sub.add_argument(
