@@ -139,3 +139,34 @@ def test_the_readme_main_job_numbers_are_what_a_fresh_run_prints(
             f"{stage}: README says loss/val loss/val acc {readme}, a fresh run gives "
             f"{tuple(round(v, 4) for v in now)}; rerun scripts/readme_numbers.py"
         )
+
+
+def _readme_bn_table() -> dict[str | None, list[float]]:
+    block = re.search(
+        r"<!-- readme_numbers:bn-table -->\n(.*?)<!-- /readme_numbers:bn-table -->",
+        README.read_text(),
+        re.S,
+    )
+    assert block, "README.md has no readme_numbers:bn-table block"
+    table = {}
+    for row in block.group(1).strip().splitlines()[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        policy = re.fullmatch(r"`(\w+)`", cells[0])
+        table[policy.group(1) if policy else None] = [float(c) for c in cells[1:-1]]
+    return table
+
+
+@pytest.mark.backends("torch")
+def test_the_readme_bn_policy_table_is_what_fresh_runs_print(kit):
+    """Every cell of the README's BN-policy table, re-measured (15 runs of the main job;
+    seeds 1 and 2 pretrain their source model first)."""
+    table = _readme_bn_table()
+    assert list(table) == [None, "frozen", "affine", "adapt", "train"]
+    for policy, accuracies in table.items():
+        for seed, readme in enumerate(accuracies):
+            history = run.run("torch", bn=policy, seed=seed).history
+            now = history.stages[-1].epochs[-1].val_accuracy
+            assert now == pytest.approx(readme, abs=0.005), (
+                f"--bn {policy} --seed {seed}: README says {readme}, a fresh run gives "
+                f"{now:.3f}; rerun scripts/readme_numbers.py --table"
+            )
