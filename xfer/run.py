@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from xfer import datasets, models, presets
 from xfer import select as S
 from xfer._adapter import load_adapter
@@ -31,12 +33,37 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XFER_CACHE") or Path.home() / ".cache" / "xfer")
 
 
-def _model(backend: str, seed: int) -> Any:
+# The models `xfer compare --model` offers. "resnet18" is xfer.models.resnet(18) narrow
+# (width 4: 44,545 parameters) on the digits upsampled to 16x16 (nearest neighbour), so that
+# every stride-2 layer halves an even size down to 1x1 (where the frameworks' padding
+# conventions would differ, as tests/parity.py checks); it starts from freshly initialised
+# seeded weights (no pretraining: nothing of it is cached or shipped), built once on the first
+# backend and handed to the others as neutral weights like the small CNN's.
+MODELS = ("small_cnn", "resnet18")
+RESNET_WIDTH = 4
+RESNET_UPSAMPLE = 2
+
+
+def _model(backend: str, seed: int, model: str = "small_cnn") -> Any:
+    if model == "resnet18":
+        return models.resnet(
+            18, datasets.TransferTask.num_classes, 1, width=RESNET_WIDTH, seed=seed, backend=backend
+        )
+    if model != "small_cnn":
+        raise ValueError(f"Unknown model {model!r}: expected one of {', '.join(MODELS)}.")
     # No Dropout: each framework draws its own masks, and `xfer compare` must see the same
     # numbers on every backend.
     return models.small_cnn(
         datasets.TransferTask.num_classes, 1, width=WIDTH, dropout=0.0, seed=seed, backend=backend
     )
+
+
+def _images_for(model: str, data: tuple) -> tuple:
+    """The task's (x, y) at the input size ``model`` expects (see MODELS)."""
+    if model != "resnet18":
+        return data
+    x, y = data
+    return np.repeat(np.repeat(x, RESNET_UPSAMPLE, axis=1), RESNET_UPSAMPLE, axis=2), y
 
 
 def pretrained(
@@ -93,16 +120,21 @@ class RunResult:
     history: History
 
 
-def start_weights(backend: str, pretrained_weights: dict, seed: int = 0) -> dict:
+def start_weights(
+    backend: str, pretrained_weights: dict | None, seed: int = 0, model: str = "small_cnn"
+) -> dict:
     """The transfer's starting point as neutral weights: the pretrained base and a freshly
     initialised head (the target classes are new), built once so that every backend starts
-    from the same numbers.
+    from the same numbers. ``pretrained_weights=None``: everything freshly initialised
+    (seeded), as for ``model="resnet18"``.
 
     Example:
         >>> start = start_weights("torch", weights)          # doctest: +SKIP
+        >>> fresh = start_weights("torch", None, model="resnet18")   # doctest: +SKIP
     """
-    start = export_weights(_model(backend, seed + 1))
-    start.update({k: v for k, v in pretrained_weights.items() if k.startswith("base.")})
+    start = export_weights(_model(backend, seed + 1, model))
+    if pretrained_weights is not None:
+        start.update({k: v for k, v in pretrained_weights.items() if k.startswith("base.")})
     return start
 
 
@@ -119,6 +151,7 @@ def transfer(
     resume: bool = False,
     cache: str = "auto",
     device: str = "auto",
+    model: str = "small_cnn",
 ) -> tuple[History, Any]:
     """Train from the neutral ``start`` weights (see :func:`start_weights`) on the target
     task with the preset's stages on ``backend``. Returns the history and the model.
@@ -127,7 +160,7 @@ def transfer(
         >>> history, model = transfer("torch", start, bn="adapt")   # doctest: +SKIP
     """
     task = datasets.transfer_task(seed=seed)
-    model = _model(backend, seed)
+    name, model = model, _model(backend, seed, model)
     import_weights(model, start)
     stages = stages_for(preset, model, bn, quick)
     # SGD with momentum: the frameworks' Adam differ in where epsilon goes (Keras adds it
@@ -143,11 +176,19 @@ def transfer(
         cache=cache,
         device=device,
     )
-    return pipe.fit(task.target_train, task.target_val, resume=resume), model
+    train, val = _images_for(name, task.target_train), _images_for(name, task.target_val)
+    return pipe.fit(train, val, resume=resume), model
 
 
 def transfer_on_other_keras_engine(
-    engine: str, start: dict, *, preset: str, bn: str | None, seed: int, quick: bool
+    engine: str,
+    start: dict,
+    *,
+    preset: str,
+    bn: str | None,
+    seed: int,
+    quick: bool,
+    model: str = "small_cnn",
 ) -> History:
     """:func:`transfer` on Keras with ``engine`` (jax or torch), in a subprocess: Keras reads
     KERAS_BACKEND once per process. Starts from the same neutral weights.
@@ -163,13 +204,13 @@ def transfer_on_other_keras_engine(
         "from safetensors.numpy import load_file\n"
         "from xfer import run\n"
         "preset, bn, seed, quick = sys.argv[2], sys.argv[3] or None, int(sys.argv[4]), sys.argv[5] == '1'\n"
-        "history, _ = run.transfer('keras', load_file(sys.argv[1]), preset=preset, bn=bn, seed=seed, quick=quick)\n"
+        "history, _ = run.transfer('keras', load_file(sys.argv[1]), preset=preset, bn=bn, seed=seed, quick=quick, model=sys.argv[6])\n"
         "print(json.dumps(history.to_dict()))\n"
     )
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "start.safetensors")
         write_arrays(path, start)  # contiguous first: see xfer.files
-        args = [path, preset, bn or "", str(seed), "1" if quick else "0"]
+        args = [path, preset, bn or "", str(seed), "1" if quick else "0", model]
         # From the temporary directory: `python -c` puts the working directory first on
         # sys.path, and a source checkout there would shadow the installed xfer.
         done = subprocess.run(
