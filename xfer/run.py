@@ -154,7 +154,8 @@ def transfer(
     model: str = "small_cnn",
 ) -> tuple[History, Any]:
     """Train from the neutral ``start`` weights (see :func:`start_weights`) on the target
-    task with the preset's stages on ``backend``. Returns the history and the model.
+    task with the preset's stages on ``backend``; ``model`` is one of :data:`MODELS`.
+    Returns the history and the model.
 
     Example:
         >>> history, model = transfer("torch", start, bn="adapt")   # doctest: +SKIP
