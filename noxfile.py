@@ -62,11 +62,13 @@ for _backend, (_extras, _env) in BACKENDS.items():
 
 @nox.session
 def parity(session: nox.Session) -> None:
-    """Every backend against every other, from the same neutral weights."""
+    """Every backend against every other, from the same neutral weights; and ``xfer
+    compare`` end to end through the console script (tests/test_compare_cli.py)."""
     session.install(*CONSTRAINTS, ".[all,dev]")
     session.run(
         "pytest",
         "tests/test_parity_cross.py",
+        "tests/test_compare_cli.py",
         "-s",
         *session.posargs,
         env={

@@ -90,9 +90,12 @@ def test_xfer_compare_writes_a_report(kit, tmp_path, monkeypatch, capsys):
         == 0
     )
     result = json.loads(capsys.readouterr().out)
-    assert result["divergence"] < 1e-4  # one backend (Keras: also its other engine, if installed)
+    # One backend (Keras: also its other engine, if installed).
+    assert result["verdict"] in ("agree", "nothing to compare")
+    assert set(result["backends"][kit.id]) == {"head", "finetune"}
+    assert 0.0 < result["backends"][kit.id]["finetune"]["val_loss"] < 10.0
     text = (out / "report.md").read_text()
-    assert "| finetune |" in text and "Largest difference" in text
+    assert "| finetune |" in text and "tolerance 0.0001" in text
 
 
 def test_xfer_run_checkpoints_and_resumes(kit, tmp_path, monkeypatch, capsys):
@@ -123,4 +126,6 @@ def test_xfer_compare_runs_keras_on_its_other_engine_too(kit, tmp_path, monkeypa
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["histories"]) == {kit.id, f"keras-{other}"}
-    assert result["divergence"] < 1e-4  # the same start weights and batches, two engines
+    # The same start weights and batches, two engines.
+    assert result["verdict"] == "agree" and result["largest"]["relative"] < 1e-4
+    assert sorted(result["largest"]["pair"]) == sorted([kit.id, f"keras-{other}"])

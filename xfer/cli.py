@@ -218,54 +218,77 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """The same run on every installed backend, from the same weights and batches."""
+    """The same run on every installed backend, from the same weights and batches; a check:
+    exits 1 when two backends differ past --tolerance."""
     from xfer import report, run
 
     backends = _backends(args)
     for backend in backends:
         _config.require(backend)
     progress = _progress(args)
-    weights, _ = run.pretrained(backends[0], args.seed, progress, args.quick)
-    start = run.start_weights(backends[0], weights, args.seed)
-    histories = {}
-    for backend in backends:
-        history, _ = run.transfer(
-            backend,
-            start,
-            preset=args.preset,
-            bn=args.bn,
-            seed=args.seed,
-            progress=progress,
-            quick=args.quick,
+    try:
+        if args.model == "small_cnn":
+            weights, _ = run.pretrained(backends[0], args.seed, progress, args.quick)
+        else:
+            weights = None  # see run.MODELS: the ResNet starts from fresh seeded weights
+        start = run.start_weights(backends[0], weights, args.seed, model=args.model)
+        options = dict(
+            preset=args.preset, bn=args.bn, seed=args.seed, quick=args.quick, model=args.model
         )
-        histories[_label(backend)] = history
-    if "keras" in backends:
-        # Keras reads KERAS_BACKEND once per process: its other engine runs in a subprocess.
-        other = "torch" if _keras_engine() == "jax" else "jax"
-        if _config.is_installed(other):
-            if progress is not None:
-                progress(f"keras-{other} (in a subprocess: one Keras engine per process)")
-            histories[f"keras-{other}"] = run.transfer_on_other_keras_engine(
-                other, start, preset=args.preset, bn=args.bn, seed=args.seed, quick=args.quick
-            )
-    if progress is not None:
-        progress.close()
-    written = report.write_compare_report(
-        histories, args.out, f"xfer compare: preset {args.preset}, BN {args.bn or 'of the preset'}"
+        histories = {}
+        for backend in backends:
+            history, _ = run.transfer(backend, start, progress=progress, **options)
+            histories[_label(backend)] = history
+        if "keras" in backends:
+            # Keras reads KERAS_BACKEND once per process: its other engine runs in a subprocess.
+            other = "torch" if _keras_engine() == "jax" else "jax"
+            if _config.is_installed(other):
+                if progress is not None:
+                    progress(f"keras-{other} (in a subprocess: one Keras engine per process)")
+                histories[f"keras-{other}"] = run.transfer_on_other_keras_engine(
+                    other, start, **options
+                )
+        verdict = report.check(histories, args.tolerance)
+    except (RuntimeError, ValueError) as error:
+        # One line, not a traceback: what failed is in the message.
+        print(f"xfer compare: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if progress is not None:
+            progress.close()
+    title = (
+        f"xfer compare: {args.model}, preset {args.preset}, BN {args.bn or 'of the preset'}"
+        f"{', quick' if args.quick else ''}"
     )
+    written = report.write_compare_report(histories, args.out, title, verdict)
+    unchanged = all(h.ok for h in histories.values())
     if args.format == "json":
         print(json.dumps({
+            "backends": report.final_metrics(histories),
+            **verdict.to_dict(),
+            "frozen_tensors_kept": unchanged,
             "histories": {b: h.to_dict() for b, h in histories.items()},
-            "divergence": report.divergence(histories),
             "report": [str(p) for p in written],
         }))  # fmt: skip
     else:
-        print(report.table(report.COMPARE_HEADER, report.compare_rows(histories)))
-        print(
-            f"\nlargest difference between backends' training losses: {report.divergence(histories):.2e}"
-        )
+        print(report.table(report.compare_header(histories), report.compare_rows(histories)))
+        print(f"\n{verdict.status}: {verdict.summary()}")
         print(f"report: {', '.join(str(p) for p in written)}")
-    return 0 if all(h.ok for h in histories.values()) else 1
+    if verdict.exit_status:
+        print(f"xfer compare: {verdict.summary()}", file=sys.stderr)
+    return 1 if verdict.exit_status or not unchanged else 0
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"expected a finite number >= 0 (a relative difference, e.g. 1e-4), got {text!r}"
+        )
+    return value
 
 
 class _Progress:
@@ -409,6 +432,24 @@ def build_parser() -> argparse.ArgumentParser:
             )
             sub.add_argument(
                 "--out", default="xfer-report", help="directory for report.md and loss_curves.png"
+            )
+            from xfer.report import DEFAULT_TOLERANCE, FLOOR
+            from xfer.run import MODELS
+
+            sub.add_argument(
+                "--tolerance",
+                type=_tolerance,
+                default=DEFAULT_TOLERANCE,
+                help="largest relative difference |a-b|/max(|a|,|b|,"
+                f"{FLOOR:g}) allowed between two backends' losses and accuracies "
+                f"(default: {DEFAULT_TOLERANCE:g}); past it compare exits 1",
+            )
+            sub.add_argument(
+                "--model",
+                choices=MODELS,
+                default="small_cnn",
+                help="small_cnn: pretrained on the source digits; resnet18: a narrow ResNet-18 "
+                "from fresh seeded weights on the digits upsampled to 16x16 (default: small_cnn)",
             )
         sub.add_argument("--preset", choices=tuple(PRESETS), default="keras_guide")
         sub.add_argument(

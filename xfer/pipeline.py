@@ -23,6 +23,7 @@ from xfer import select as S
 from xfer._adapter import Adapter, Unit, find_adapter
 from xfer._table import table
 from xfer.checkpoint import (
+    Checkpoint,
     CheckpointError,
     backend_id,
     read_checkpoint,
@@ -478,22 +479,8 @@ class TransferPipeline:
             >>> pipe.fit(train, val)                 # Ctrl-C in stage 2 ...       # doctest: +SKIP
             >>> pipe.fit(train, val, resume=True)    # ... goes on with stage 2    # doctest: +SKIP
         """
-        if resume and self.checkpoint_dir is None:
-            raise ValueError(
-                "fit(resume=True) needs a checkpoint directory to resume from: pass "
-                "TransferPipeline(..., checkpoint_dir=...)."
-            )
-        # Everything a run needs is checked before the first step trains: a refused run
-        # leaves the model, its state and the file system as they were.
-        units = self.adapter.units(self.model)
-        for stage in self.stages:
-            check_stage(stage, units)
-        self._check_checkpoint_dir()
-        num_classes, in_channels = self._model_shape(train)
-        D.check(train, name="train", num_classes=num_classes, in_channels=in_channels)
-        if val is not None:
-            D.check(val, name="val", num_classes=num_classes, in_channels=in_channels)
-        device = self.adapter.place(self.model, self.device)  # after the checks that refuse
+        self.check(train, val, resume=resume)
+        device = self.adapter.place(self.model, self.device)
         history, start = self._start(resume, train)
         history.device = self._placed = device
         index, saving = start, False
@@ -517,16 +504,51 @@ class TransferPipeline:
             raise
         return history
 
-    def _start(self, resume: bool, train: D.Data) -> tuple[History, int]:
-        """The history to extend and the first stage to run, from the checkpoint if resuming.
+    def check(self, train: D.Data, val: D.Data | None = None, *, resume: bool = False) -> None:
+        """Everything :meth:`fit` checks before its first step, without training: every
+        stage's selectors against the model, the checkpoint directory (and, with
+        ``resume``, that its checkpoint fits this run), the data against the model's
+        inputs and outputs, the device. Raises what ``fit`` would raise; changes nothing
+        (on PyTorch the model is moved to the device, as ``fit`` moves it).
 
-        Also sets ``self._run_config``, what :meth:`_save` records: this run's stages and
-        pipeline settings, the training data's fingerprint, and the changes a resume made
-        to stages that had not finished.
+        Example:
+            >>> pipe = xfer.TransferPipeline(model, stages, checkpoint_dir="ckpt")  # doctest: +SKIP
+            >>> pipe.check(train, val)     # before an hour of something else      # doctest: +SKIP
         """
-        history = History(self.adapter.name)
+        if resume and self.checkpoint_dir is None:
+            raise ValueError(
+                "fit(resume=True) needs a checkpoint directory to resume from: pass "
+                "TransferPipeline(..., checkpoint_dir=...)."
+            )
+        # A refused run leaves the model, its state and the file system as they were.
+        units = self.adapter.units(self.model)
+        for stage in self.stages:
+            check_stage(stage, units)
+        self._check_checkpoint_dir()
+        num_classes, in_channels = self._model_shape(train)
+        D.check(train, name="train", num_classes=num_classes, in_channels=in_channels)
+        if val is not None:
+            D.check(val, name="val", num_classes=num_classes, in_channels=in_channels)
+        self._resume_point(resume, train)
+        self.adapter.place(self.model, self.device)
+
+    def _start(self, resume: bool, train: D.Data) -> tuple[History, int]:
+        """The history to extend and the first stage to run, from the checkpoint if resuming."""
+        checkpoint = self._resume_point(resume, train)
+        if checkpoint is None:
+            return History(self.adapter.name), 0
+        restored = History.from_dict(checkpoint.history)
+        checkpoint.restore(self.model)
+        return History(self.adapter.name, restored.stages), checkpoint.finished + 1
+
+    def _resume_point(self, resume: bool, train: D.Data) -> Checkpoint | None:
+        """The checkpoint to resume from (``None``: start from the first stage), after
+        checking that it fits this run; changes nothing but ``self._run_config``, what
+        :meth:`_save` records: this run's stages and pipeline settings, the training data's
+        fingerprint, and the changes a resume made to stages that had not finished.
+        """
         if self.checkpoint_dir is None:
-            return history, 0
+            return None
         self._run_config = run_config(
             self.stages,
             loss=self.loss,
@@ -539,7 +561,7 @@ class TransferPipeline:
         )
         checkpoint = read_checkpoint(self.checkpoint_dir)
         if checkpoint is None:
-            return history, 0
+            return None
         if not resume:
             # Starting over would replace finished work the moment the first stage ends.
             raise CheckpointError(
@@ -550,7 +572,7 @@ class TransferPipeline:
             )
         self._run_config = checkpoint.check(self._run_config)
         try:
-            restored = History.from_dict(checkpoint.history)
+            History.from_dict(checkpoint.history)
         except (KeyError, TypeError) as error:
             raise CheckpointError(
                 f"The checkpoint in {self.checkpoint_dir!r} is not a valid xfer checkpoint: "
@@ -558,8 +580,7 @@ class TransferPipeline:
                 "model was left unchanged. "
                 "Delete the directory (or use another checkpoint directory) to start over."
             ) from None
-        checkpoint.restore(self.model)
-        return History(self.adapter.name, restored.stages), checkpoint.finished + 1
+        return checkpoint
 
     def _save(self, index: int, history: History) -> None:
         write_checkpoint(

@@ -1,7 +1,34 @@
-"""Tables and reports for ``xfer run`` and ``xfer compare``: text, Markdown, a PNG plot."""
+"""Tables, reports and the agreement check of ``xfer run`` and ``xfer compare``.
+
+``xfer compare`` is a check, not only a table: the same stages, weights and batches must
+give the same numbers on every backend. Each compared value (per epoch: the training and the
+validation loss; at the end of each stage: also the validation accuracy) is compared between
+every pair of backends by its *relative* difference::
+
+    |a - b| / max(|a|, |b|, FLOOR)
+
+and the backends agree when no relative difference exceeds the tolerance
+(:data:`DEFAULT_TOLERANCE`, ``xfer compare --tolerance``).
+
+- ``DEFAULT_TOLERANCE = 1e-4``: the four backends agree to about 4e-6 absolute (3e-6
+  relative, losses near 1.3) over the main job's 40 epochs, float32 rounding grown by the
+  steps taken, so the default leaves a margin of about 30; a real disagreement (a scrambled
+  weights handoff was 8e-2 and more) is hundreds of times past it.
+- ``FLOOR = 1e-2``: a value near zero (a loss that has gone to 0.001, an accuracy of 0) is
+  compared absolutely, to within ``tolerance * FLOOR`` (1e-6 at the default), instead of
+  relative to a tiny number that would turn float32 noise into a large ratio.
+- Validation accuracy is a count: one of the 800 validation images classified differently
+  is a relative difference of about 2.5e-3, past the default. It is meant to be: with the
+  losses agreeing to 1e-6 that is a real (if small) difference, and the report says where.
+
+Nothing here imports a framework.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import math
 import os
 from pathlib import Path
 
@@ -9,46 +36,329 @@ from xfer._table import table
 from xfer.files import write_atomic, write_text
 from xfer.pipeline import History
 
+DEFAULT_TOLERANCE = 1e-4
+FLOOR = 1e-2
+# The metrics compared, in the order they are checked within an epoch.
+METRICS = ("loss", "val loss", "val acc")
 
-def divergence(histories: dict[str, History]) -> float:
-    """The largest difference between any two backends' training losses, epoch by epoch."""
-    curves = [h.losses() for h in histories.values()]
-    return max(
-        (
-            abs(a - b)
-            for i, c in enumerate(curves)
-            for d in curves[i + 1 :]
-            for a, b in zip(c, d, strict=True)
-        ),
-        default=0.0,
+
+def relative_difference(a: float, b: float, floor: float = FLOOR) -> float:
+    """``|a - b| / max(|a|, |b|, floor)``: how far apart two backends' values are.
+
+    Example:
+        >>> relative_difference(2.0, 1.0)
+        0.5
+        >>> relative_difference(0.0, 1e-4)  # near zero: relative to the floor
+        0.01
+    """
+    if a == b:
+        return 0.0
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return math.inf  # a NaN must never pass as "no difference"
+    return abs(a - b) / max(abs(a), abs(b), floor)
+
+
+@dataclasses.dataclass(frozen=True)
+class Divergence:
+    """One compared value on two backends: where (stage, epoch, metric) and how far apart.
+
+    ``reference`` is the backend that ran first, ``other`` the one compared with it;
+    ``epoch`` counts from 1 within the stage.
+
+    Example:
+        >>> d = Divergence("torch", "keras-torch", "head", 1, "loss", 1.224, 38.46)
+        >>> round(d.relative, 2)
+        0.97
+        >>> d.describe(1e-4)
+        "keras-torch vs torch diverged in stage 'head', epoch 1: loss 38.46 vs 1.224 (relative 0.97 > tolerance 0.0001)"
+    """
+
+    reference: str
+    other: str
+    stage: str
+    epoch: int
+    metric: str
+    reference_value: float
+    other_value: float
+
+    @property
+    def relative(self) -> float:
+        return relative_difference(self.reference_value, self.other_value)
+
+    @property
+    def pair(self) -> str:
+        return f"{self.other} vs {self.reference}"
+
+    def describe(self, tolerance: float) -> str:
+        """One line: the pair, where, both values, and the relative difference."""
+        verb = "diverged" if self.relative > tolerance else "agree"
+        sign = ">" if self.relative > tolerance else "<="
+        return (
+            f"{self.pair} {verb} in stage {self.stage!r}, epoch {self.epoch}: {self.metric} "
+            f"{self.other_value:.4g} vs {self.reference_value:.4g} "
+            f"(relative {self.relative:.2g} {sign} tolerance {tolerance:g})"
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "pair": [self.other, self.reference],
+            "stage": self.stage,
+            "epoch": self.epoch,
+            "metric": self.metric,
+            "values": {self.other: self.other_value, self.reference: self.reference_value},
+            "relative": self.relative,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """The outcome of :func:`check`: do the backends agree, and where are they furthest apart.
+
+    Attributes:
+        tolerance: the largest relative difference allowed.
+        backends: the backends compared, the first being everyone's reference.
+        first: the first value past the tolerance in training order (stage, epoch, then
+            metric), or None when they agree.
+        largest: the largest relative difference of all (None: fewer than two backends).
+        largest_per_stage: the largest relative difference in each stage.
+
+    Example:
+        >>> verdict = check(histories)                       # doctest: +SKIP
+        >>> verdict.exit_status, verdict.summary()           # doctest: +SKIP
+        (0, 'torch, keras-jax, flax agree to within tolerance 0.0001 (largest ...)')
+    """
+
+    tolerance: float
+    backends: tuple[str, ...]
+    first: Divergence | None
+    largest: Divergence | None
+    largest_per_stage: dict[str, Divergence]
+
+    @property
+    def status(self) -> str:
+        """``"agree"``, ``"diverged"``, or ``"nothing to compare"`` (one backend ran)."""
+        if len(self.backends) < 2:
+            return "nothing to compare"
+        return "diverged" if self.first is not None else "agree"
+
+    @property
+    def exit_status(self) -> int:
+        """What ``xfer compare`` exits with: 1 when the backends diverged, else 0."""
+        return 1 if self.status == "diverged" else 0
+
+    def summary(self) -> str:
+        """One line: the verdict, and the pair, stage and epoch that decided it."""
+        if self.first is not None:
+            return self.first.describe(self.tolerance)
+        if self.largest is None:
+            return f"only {', '.join(self.backends)} ran: nothing to compare it with"
+        d = self.largest
+        return (
+            f"{', '.join(self.backends)} agree to within tolerance {self.tolerance:g}: "
+            f"largest relative difference {d.relative:.1e} ({d.pair}, stage {d.stage!r}, "
+            f"epoch {d.epoch}, {d.metric})"
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "verdict": self.status,
+            "tolerance": self.tolerance,
+            "floor": FLOOR,
+            "first_divergence": self.first.to_dict() if self.first else None,
+            "largest": self.largest.to_dict() if self.largest else None,
+            "largest_per_stage": {s: d.to_dict() for s, d in self.largest_per_stage.items()},
+        }
+
+
+def compared_values(history: History) -> list[tuple[str, int, str, float]]:
+    """``(stage, epoch, metric, value)`` of everything :func:`check` compares, in training
+    order: each epoch's training and validation loss, and each stage's final validation
+    accuracy.
+
+    Example:
+        >>> from xfer.pipeline import EpochRecord, History, StageRecord
+        >>> stage = StageRecord("head", 10, 90, 4, [], [EpochRecord(1, 1.2, 1.3, 0.5, 0.1)])
+        >>> compared_values(History("torch", [stage]))
+        [('head', 1, 'loss', 1.2), ('head', 1, 'val loss', 1.3), ('head', 1, 'val acc', 0.5)]
+    """
+    values = []
+    for stage in history.stages:
+        for record in stage.epochs:
+            values.append((stage.name, record.epoch, "loss", record.loss))
+            if record.val_loss is not None:
+                values.append((stage.name, record.epoch, "val loss", record.val_loss))
+        last = stage.epochs[-1] if stage.epochs else None
+        if last is not None and last.val_accuracy is not None:
+            values.append((stage.name, last.epoch, "val acc", last.val_accuracy))
+    return values
+
+
+def differences(histories: dict[str, History]) -> list[Divergence]:
+    """Every compared value on every pair of backends, in training order (within one value:
+    pairs in the order the backends ran).
+
+    Raises:
+        ValueError: two backends did not run the same stages and epochs (then their
+            numbers cannot be compared at all).
+
+    Example:
+        >>> [d.pair for d in differences(histories)][:1]    # doctest: +SKIP
+        ['keras-jax vs torch']
+    """
+    names = list(histories)
+    values = {name: compared_values(h) for name, h in histories.items()}
+    for name in names[1:]:
+        if [v[:3] for v in values[name]] != [v[:3] for v in values[names[0]]]:
+            raise ValueError(
+                f"{name} and {names[0]} did not run the same stages and epochs "
+                f"({_shape(histories[name])} vs {_shape(histories[names[0]])}): run compare "
+                "with the same --preset, --quick and --model for every backend."
+            )
+    out = []
+    for index, (stage, epoch, metric, _) in enumerate(values[names[0]] if names else []):
+        for reference, other in itertools.combinations(names, 2):
+            out.append(
+                Divergence(
+                    reference,
+                    other,
+                    stage,
+                    epoch,
+                    metric,
+                    values[reference][index][3],
+                    values[other][index][3],
+                )
+            )
+    return out
+
+
+def _shape(history: History) -> str:
+    return ", ".join(f"{s.name} x{len(s.epochs)}" for s in history.stages) or "no stages"
+
+
+def check(histories: dict[str, History], tolerance: float = DEFAULT_TOLERANCE) -> Verdict:
+    """Do the backends agree? Compares every pair (see :func:`differences`) by relative
+    difference against ``tolerance``.
+
+    Raises:
+        ValueError: ``tolerance`` is negative or not a number, or the backends did not run
+            the same stages.
+
+    Example:
+        >>> from xfer.pipeline import EpochRecord, History, StageRecord
+        >>> def run(loss):
+        ...     return History("x", [StageRecord("head", 1, 1, 0, [], [EpochRecord(1, loss, None, None, 0.0)])])
+        >>> check({"torch": run(1.224), "flax": run(1.224001)}).status
+        'agree'
+        >>> verdict = check({"torch": run(1.224), "keras-torch": run(38.46)})
+        >>> verdict.exit_status, verdict.first.pair
+        (1, 'keras-torch vs torch')
+    """
+    if not (isinstance(tolerance, (int, float)) and tolerance >= 0 and math.isfinite(tolerance)):
+        raise ValueError(
+            f"tolerance must be a finite number >= 0, got {tolerance!r} "
+            f"(the default is {DEFAULT_TOLERANCE:g})."
+        )
+    found = differences(histories)
+    past = [d for d in found if d.relative > tolerance]
+    per_stage: dict[str, Divergence] = {}
+    for d in found:
+        if d.stage not in per_stage or d.relative > per_stage[d.stage].relative:
+            per_stage[d.stage] = d
+    return Verdict(
+        tolerance=float(tolerance),
+        backends=tuple(histories),
+        first=past[0] if past else None,
+        largest=max(found, key=lambda d: d.relative) if found else None,
+        largest_per_stage=per_stage,
     )
 
 
-def compare_rows(histories: dict[str, History]) -> list[tuple[str, ...]]:
-    """Per stage and backend: final loss, validation accuracy, seconds per epoch, verification."""
+def final_metrics(histories: dict[str, History]) -> dict[str, dict[str, dict]]:
+    """Per backend and stage: the last epoch's loss, validation loss and accuracy.
+
+    Example:
+        >>> from xfer.pipeline import EpochRecord, History, StageRecord
+        >>> stage = StageRecord("head", 10, 90, 4, [], [EpochRecord(1, 1.2, 1.3, 0.5, 0.1)])
+        >>> final_metrics({"torch": History("torch", [stage])})
+        {'torch': {'head': {'loss': 1.2, 'val_loss': 1.3, 'val_accuracy': 0.5}}}
+    """
+    return {
+        backend: {
+            s.name: {
+                "loss": s.epochs[-1].loss,
+                "val_loss": s.epochs[-1].val_loss,
+                "val_accuracy": s.epochs[-1].val_accuracy,
+            }
+            for s in history.stages
+            if s.epochs
+        }
+        for backend, history in histories.items()
+    }
+
+
+def compare_rows(
+    histories: dict[str, History], verdict: Verdict | None = None
+) -> list[tuple[str, ...]]:
+    """Per stage and backend: final loss, validation loss and accuracy, seconds per epoch,
+    frozen tensors kept, and the largest relative difference from the first backend in
+    that stage.
+
+    Example:
+        >>> from xfer.pipeline import EpochRecord, History, StageRecord
+        >>> stage = StageRecord("head", 10, 90, 4, [], [EpochRecord(1, 1.2, 1.3, 0.5, 0.25)])
+        >>> compare_rows({"torch": History("torch", [stage])})
+        [('head', 'torch', '1.2000', '1.3000', '0.500', '0.25', '4/4', '-')]
+    """
+    found = differences(histories)
+    names = list(histories)
     rows = []
-    for index, name in enumerate(s.name for s in next(iter(histories.values())).stages):
+    for index, name in enumerate(s.name for s in histories[names[0]].stages):
         for backend, history in histories.items():
             stage = history.stages[index]
+            last = stage.epochs[-1]
             seconds = sum(e.seconds for e in stage.epochs) / len(stage.epochs)
+            apart = [
+                d.relative
+                for d in found
+                if d.stage == name and d.reference == names[0] and d.other == backend
+            ]
             rows.append((
                 name,
                 backend,
-                f"{stage.loss:.4f}",
-                f"{stage.val_accuracy:.3f}" if stage.val_accuracy is not None else "",
+                f"{last.loss:.4f}",
+                "" if last.val_loss is None else f"{last.val_loss:.4f}",
+                "" if last.val_accuracy is None else f"{last.val_accuracy:.3f}",
                 f"{seconds:.2f}",
                 f"{stage.kept - len(stage.changed)}/{stage.kept}",
+                f"{max(apart):.1e}" if apart else "-",
             ))  # fmt: skip
     return rows
 
 
-COMPARE_HEADER = ("stage", "backend", "loss", "val acc", "s/epoch", "frozen kept")
+def compare_header(histories: dict[str, History]) -> tuple[str, ...]:
+    """The header of :func:`compare_rows`' table (the last column names the reference)."""
+    reference = next(iter(histories))
+    return (
+        "stage",
+        "backend",
+        "loss",
+        "val loss",
+        "val acc",
+        "s/epoch",
+        "frozen kept",
+        f"rel. diff vs {reference}",
+    )
 
 
 def write_compare_report(
-    histories: dict[str, History], directory: str | os.PathLike, title: str
+    histories: dict[str, History],
+    directory: str | os.PathLike,
+    title: str,
+    verdict: Verdict | None = None,
 ) -> list[Path]:
-    """Write ``report.md`` and, when matplotlib is installed, ``loss_curves.png``.
+    """Write ``report.md`` and, when matplotlib is installed, ``loss_curves.png``, with the
+    verdict of :func:`check` (at the default tolerance unless ``verdict`` is given); a
+    divergence is marked in both.
 
     Each file is written to a temporary name and renamed, so a report is never half
     written. Returns the paths written.
@@ -56,26 +366,52 @@ def write_compare_report(
     Example:
         >>> write_compare_report(histories, "xfer-report", "compare")   # doctest: +SKIP
     """
+    verdict = verdict or check(histories)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    plot = _plot(histories, out / "loss_curves.png")
+    plot = _plot(histories, out / "loss_curves.png", verdict)
+    mark = {"agree": "AGREE", "diverged": "DIVERGED", "nothing to compare": "ONE BACKEND"}
     lines = [
         f"# {title}",
         "",
-        table(COMPARE_HEADER, compare_rows(histories), markdown=True),
+        f"**{mark[verdict.status]}**: {verdict.summary()}.",
         "",
-        f"Largest difference between backends' training losses: {divergence(histories):.2e}.",
+        table(compare_header(histories), compare_rows(histories), markdown=True),
+        "",
+        f"Compared: each epoch's training and validation loss and each stage's final "
+        f"validation accuracy, on every pair of backends, by |a-b| / max(|a|, |b|, {FLOOR:g}); "
+        f"tolerance {verdict.tolerance:g}.",
+        "",
+        *[
+            f"- largest in stage {stage!r}: {d.relative:.2e} ({d.pair}, epoch {d.epoch}, {d.metric})"
+            for stage, d in verdict.largest_per_stage.items()
+        ],
         "",
         f"![loss curves]({plot.name})"
         if plot
         else '(install matplotlib for the plot: pip install "xfer[report]")',
     ]
-    written.append(write_text(out / "report.md", "\n".join(lines) + "\n"))
+    written = [write_text(out / "report.md", "\n".join(lines) + "\n")]
     return [*written, *([plot] if plot else [])]
 
 
-def _plot(histories: dict[str, History], path: Path) -> Path | None:
+def divergence_epoch(histories: dict[str, History], divergence: Divergence) -> int:
+    """The epoch of ``divergence`` counted over all stages (1-based), as on the plot's x axis.
+
+    Example:
+        >>> divergence_epoch(histories, verdict.first)   # doctest: +SKIP
+        21
+    """
+    history = histories[divergence.reference]
+    before = 0
+    for stage in history.stages:
+        if stage.name == divergence.stage:
+            return before + divergence.epoch
+        before += len(stage.epochs)
+    raise ValueError(f"stage {divergence.stage!r} is not in {divergence.reference}'s history.")
+
+
+def _plot(histories: dict[str, History], path: Path, verdict: Verdict) -> Path | None:
     try:
         import matplotlib
 
@@ -90,6 +426,18 @@ def _plot(histories: dict[str, History], path: Path) -> Path | None:
     for stage in next(iter(histories.values())).stages[:-1]:
         boundary += len(stage.epochs)
         ax.axvline(boundary + 0.5, color="grey", linestyle=":", linewidth=1)
+    if verdict.first is not None:
+        first = verdict.first
+        epoch = divergence_epoch(histories, first)
+        y = histories[first.other].losses()[epoch - 1]
+        ax.plot([epoch], [y], marker="X", color="red", markersize=12, linestyle="none")
+        ax.annotate(
+            f"{first.pair} diverged\n({first.metric}, stage {first.stage!r}, epoch {first.epoch})",
+            (epoch, y),
+            xytext=(10, 10),
+            textcoords="offset points",
+            color="red",
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss")
     ax.set_title("the same stages, weights and batches on each backend")

@@ -46,7 +46,24 @@ def shipped_path() -> Path:
     return Path(str(importlib.resources.files("xfer").joinpath("_data", SHIPPED)))
 
 
-def _model(backend: str, seed: int) -> Any:
+# The models `xfer compare --model` offers. "resnet18" is xfer.models.resnet(18) narrow
+# (width 4: 44,545 parameters) on the digits upsampled to 16x16 (nearest neighbour), so that
+# every stride-2 layer halves an even size down to 1x1 (where the frameworks' padding
+# conventions would differ, as tests/parity.py checks); it starts from freshly initialised
+# seeded weights (no pretraining: nothing of it is cached or shipped), built once on the first
+# backend and handed to the others as neutral weights like the small CNN's.
+MODELS = ("small_cnn", "resnet18")
+RESNET_WIDTH = 4
+RESNET_UPSAMPLE = 2
+
+
+def _model(backend: str, seed: int, model: str = "small_cnn") -> Any:
+    if model == "resnet18":
+        return models.resnet(
+            18, datasets.TransferTask.num_classes, 1, width=RESNET_WIDTH, seed=seed, backend=backend
+        )
+    if model != "small_cnn":
+        raise ValueError(f"Unknown model {model!r}: expected one of {', '.join(MODELS)}.")
     # No Dropout: each framework draws its own masks, and `xfer compare` must see the same
     # numbers on every backend.
     return models.small_cnn(
@@ -89,6 +106,14 @@ def source_accuracy(backend: str, model: Any, seed: int = 0) -> float:
         load_adapter(backend), model, datasets.transfer_task(seed=seed).source_val
     )
     return accuracy
+
+
+def _images_for(model: str, data: tuple) -> tuple:
+    """The task's (x, y) at the input size ``model`` expects (see MODELS)."""
+    if model != "resnet18":
+        return data
+    x, y = data
+    return np.repeat(np.repeat(x, RESNET_UPSAMPLE, axis=1), RESNET_UPSAMPLE, axis=2), y
 
 
 def pretrained(
@@ -180,22 +205,27 @@ class RunResult:
     history: History
 
 
-def start_weights(backend: str, pretrained_weights: dict, seed: int = 0) -> dict:
+def start_weights(
+    backend: str, pretrained_weights: dict | None, seed: int = 0, model: str = "small_cnn"
+) -> dict:
     """The transfer's starting point as neutral weights: the pretrained base and a freshly
     initialised head (the target classes are new), built once so that every backend starts
-    from the same numbers.
+    from the same numbers. ``pretrained_weights=None``: everything freshly initialised
+    (seeded), as for ``model="resnet18"``.
 
     Example:
         >>> start = start_weights("torch", weights)          # doctest: +SKIP
+        >>> fresh = start_weights("torch", None, model="resnet18")   # doctest: +SKIP
     """
-    start = export_weights(_model(backend, seed + 1))
-    start.update({k: v for k, v in pretrained_weights.items() if k.startswith("base.")})
+    start = export_weights(_model(backend, seed + 1, model))
+    if pretrained_weights is not None:
+        start.update({k: v for k, v in pretrained_weights.items() if k.startswith("base.")})
+        start.update(neutral_head(start, seed))  # not the backend's own initialiser
     return start
 
 
-def transfer(
+def transfer_pipeline(
     backend: str,
-    start: dict,
     *,
     preset: str = "keras_guide",
     bn: str | None = None,
@@ -203,25 +233,24 @@ def transfer(
     progress: Callable[[str], None] | None = None,
     quick: bool = False,
     checkpoint_dir: str | None = None,
-    resume: bool = False,
     cache: str = "auto",
     device: str = "auto",
-) -> tuple[History, Any]:
-    """Train from the neutral ``start`` weights (see :func:`start_weights`) on the target
-    task with the preset's stages on ``backend``. Returns the history and the model.
+    model: str = "small_cnn",
+) -> tuple[TransferPipeline, tuple, tuple]:
+    """The pipeline of the transfer on the target task (its model freshly built on
+    ``backend``, one of :data:`MODELS`), with the training and validation data.
 
     Example:
-        >>> history, model = transfer("torch", start, bn="adapt")   # doctest: +SKIP
+        >>> pipe, train, val = transfer_pipeline("torch", bn="adapt")   # doctest: +SKIP
+        >>> pipe.check(train, val)                                       # doctest: +SKIP
     """
     task = datasets.transfer_task(seed=seed)
-    model = _model(backend, seed)
-    import_weights(model, start)
-    stages = stages_for(preset, model, bn, quick)
+    net = _model(backend, seed, model)
     # SGD with momentum: the frameworks' Adam differ in where epsilon goes (Keras adds it
     # before the bias correction), which fifty epochs turn into visibly different curves.
     pipe = TransferPipeline(
-        model,
-        stages,
+        net,
+        stages_for(preset, net, bn, quick),
         optimizer="momentum",
         batch_size=16,
         seed=seed,
@@ -230,11 +259,33 @@ def transfer(
         cache=cache,
         device=device,
     )
-    return pipe.fit(task.target_train, task.target_val, resume=resume), model
+    return pipe, _images_for(model, task.target_train), _images_for(model, task.target_val)
+
+
+def transfer(
+    backend: str, start: dict, *, resume: bool = False, **options: Any
+) -> tuple[History, Any]:
+    """Train from the neutral ``start`` weights (see :func:`start_weights`) on the target
+    task with the preset's stages on ``backend``; ``options`` are those of
+    :func:`transfer_pipeline`. Returns the history and the model.
+
+    Example:
+        >>> history, model = transfer("torch", start, bn="adapt")   # doctest: +SKIP
+    """
+    pipe, train, val = transfer_pipeline(backend, **options)
+    import_weights(pipe.model, start)
+    return pipe.fit(train, val, resume=resume), pipe.model
 
 
 def transfer_on_other_keras_engine(
-    engine: str, start: dict, *, preset: str, bn: str | None, seed: int, quick: bool
+    engine: str,
+    start: dict,
+    *,
+    preset: str,
+    bn: str | None,
+    seed: int,
+    quick: bool,
+    model: str = "small_cnn",
 ) -> History:
     """:func:`transfer` on Keras with ``engine`` (jax or torch), in a subprocess: Keras reads
     KERAS_BACKEND once per process. Starts from the same neutral weights.
@@ -250,13 +301,13 @@ def transfer_on_other_keras_engine(
         "from safetensors.numpy import load_file\n"
         "from xfer import run\n"
         "preset, bn, seed, quick = sys.argv[2], sys.argv[3] or None, int(sys.argv[4]), sys.argv[5] == '1'\n"
-        "history, _ = run.transfer('keras', load_file(sys.argv[1]), preset=preset, bn=bn, seed=seed, quick=quick)\n"
+        "history, _ = run.transfer('keras', load_file(sys.argv[1]), preset=preset, bn=bn, seed=seed, quick=quick, model=sys.argv[6])\n"
         "print(json.dumps(history.to_dict()))\n"
     )
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "start.safetensors")
         write_arrays(path, start)  # contiguous first: see xfer.files
-        args = [path, preset, bn or "", str(seed), "1" if quick else "0"]
+        args = [path, preset, bn or "", str(seed), "1" if quick else "0", model]
         # From the temporary directory: `python -c` puts the working directory first on
         # sys.path, and a source checkout there would shadow the installed xfer.
         done = subprocess.run(
@@ -292,24 +343,25 @@ def run(
         >>> result = run("torch", bn="adapt")                 # doctest: +SKIP
         >>> print(result.history)                             # doctest: +SKIP
     """
-    weights, origin = pretrained(backend, seed, progress, quick, weights=weights_file)
-    source_model = _model(backend, seed)
-    import_weights(source_model, weights)
-    accuracy = source_accuracy(backend, source_model, seed)
-    start = start_weights(backend, weights, seed)
-    start.update(neutral_head(start, seed))  # the same start on every backend
-    history, _ = transfer(
+    pipe, train, val = transfer_pipeline(
         backend,
-        start,
         preset=preset,
         bn=bn,
         seed=seed,
         progress=progress,
         quick=quick,
         checkpoint_dir=checkpoint_dir,
-        resume=resume,
         cache=cache,
         device=device,
     )
+    # Everything the transfer needs (device, checkpoint, stages) is checked before the
+    # source model is loaded or pretrained.
+    pipe.check(train, val, resume=resume)
+    weights, origin = pretrained(backend, seed, progress, quick, weights=weights_file)
+    source_model = _model(backend, seed)
+    import_weights(source_model, weights)
+    accuracy = source_accuracy(backend, source_model, seed)
+    import_weights(pipe.model, start_weights(backend, weights, seed))
+    history = pipe.fit(train, val, resume=resume)
     path = {"shipped": str(shipped_path()), "file": os.fspath(weights_file or "")}.get(origin)
     return RunResult(backend, preset, bn, origin, path, accuracy, history)

@@ -1,0 +1,74 @@
+"""``xfer compare`` end to end, as a user runs it on a fresh install (the ``parity`` session).
+
+The real ``xfer`` console script in a subprocess, with an empty HOME, XFER_CACHE and
+KERAS_HOME, over torch, keras-jax, keras-torch (Keras's other engine runs in compare's own
+subprocess) and flax; ``--format json`` is parsed. Runs when XFER_PARITY=1 (nox -s parity).
+
+- the default model (small_cnn, pretrained on the source digits by the first backend);
+- ``--model resnet18``: a narrow ResNet-18 from fresh seeded weights on the digits upsampled
+  to 16x16, with the preset's BN policies (frozen, then affine: moving statistics);
+- and a run that must fail: ``--tolerance 0`` exits 1 and names a pair.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("XFER_PARITY") != "1", reason="compare end to end runs in `nox -s parity`"
+)
+BACKENDS = {"torch", "keras-jax", "keras-torch", "flax"}
+
+
+def _compare(tmp_path, *options: str) -> tuple[int, dict, str]:
+    exe = shutil.which("xfer")
+    assert exe, "the xfer console script is not on PATH: pip install -e '.[all]'"
+    home = tmp_path / "home"
+    for name in ("home", "cache", "keras"):
+        (tmp_path / name).mkdir(exist_ok=True)
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "XFER_CACHE": str(tmp_path / "cache"),
+        "KERAS_HOME": str(tmp_path / "keras"),
+        "KERAS_BACKEND": "jax",  # keras-torch runs in compare's subprocess
+        "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+        # Passed on only when set, to test a source checkout without installing it.
+        **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ},
+    }
+    args = [exe, "compare", "--backend", "torch", "--backend", "keras", "--backend", "flax"]
+    args += ["--quick", "--format", "json", "--out", str(tmp_path / "report"), *options]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.stdout.strip(), f"no JSON on stdout; stderr: {done.stderr[-2000:]}"
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    return done.returncode, json.loads(done.stdout), done.stderr
+
+
+@pytest.mark.parametrize("model", ["small_cnn", "resnet18"])
+def test_compare_agrees_across_the_four_backends(tmp_path, model):
+    status, result, stderr = _compare(tmp_path, "--model", model)
+    print(f"\n{model}: {result['verdict']}, largest {result['largest']}")
+    assert status == 0, stderr[-2000:]
+    assert result["verdict"] == "agree" and result["first_divergence"] is None
+    assert set(result["backends"]) == BACKENDS
+    assert result["tolerance"] == 1e-4 and result["largest"]["relative"] <= 1e-4
+    assert set(result["largest_per_stage"]) == {"head", "finetune"}
+    assert result["frozen_tensors_kept"] is True
+    losses = {b: m["finetune"]["val_loss"] for b, m in result["backends"].items()}
+    assert max(losses.values()) - min(losses.values()) < 1e-3 and min(losses.values()) > 0
+    assert (tmp_path / "report" / "report.md").read_text().count("**AGREE**") == 1
+
+
+def test_compare_fails_past_its_tolerance_and_names_the_pair(tmp_path):
+    status, result, stderr = _compare(tmp_path, "--tolerance", "0")
+    assert status == 1
+    assert result["verdict"] == "diverged" and result["tolerance"] == 0
+    first = result["first_divergence"]
+    assert set(first["pair"]) <= BACKENDS and first["relative"] > 0
+    assert f"{first['pair'][0]} vs {first['pair'][1]} diverged in stage" in stderr
+    assert "**DIVERGED**" in (tmp_path / "report" / "report.md").read_text()
