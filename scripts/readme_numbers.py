@@ -4,8 +4,8 @@ fresh machine prints (tests/test_source_weights.py checks them against a fresh r
     python scripts/readme_numbers.py            # the `xfer run --backend torch` block
     python scripts/readme_numbers.py --table    # and the BN-policy table over three seeds
 
-Each run is ``python -m xfer run --backend torch --format json`` in a subprocess with an
-empty ``XFER_CACHE`` (nothing from an older xfer can leak in); the README is rewritten
+Each run is ``xfer run --backend torch --format json`` through the CLI's own ``main``
+(xfer caches nothing, so every run starts from the shipped weights); the README is rewritten
 between its ``<!-- readme_numbers:NAME -->`` and ``<!-- /readme_numbers:NAME -->`` markers
 through xfer's one writer.
 """
@@ -13,15 +13,13 @@ through xfer's one writer.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
-import os
 import re
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
-from xfer.cli import run_text
+from xfer import cli
 from xfer.files import write_text
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -36,28 +34,14 @@ POLICIES = {  # --bn: what happens (the prose is the README's; the numbers are m
 
 
 def xfer_run(*options: str) -> dict:
-    """``xfer run --backend torch --format json OPTIONS`` on a fresh cache; its report."""
-    with tempfile.TemporaryDirectory() as cache:
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "xfer",
-                "run",
-                "--backend",
-                "torch",
-                "--format",
-                "json",
-                *options,
-            ],
-            env={**os.environ, "XFER_CACHE": cache},
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-    if done.returncode != 0:
-        raise SystemExit(f"xfer run {' '.join(options)} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """The report of ``xfer run --backend torch --format json OPTIONS``, run as a user runs
+    it (through the CLI's ``main``); nothing is cached between runs, so each is fresh."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = cli.main(["run", "--backend", "torch", "--format", "json", "--quiet", *options])
+    if status != 0:
+        raise SystemExit(f"xfer run {' '.join(options)} exited {status}")
+    return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
 def final_accuracy(report: dict) -> float:
@@ -93,7 +77,7 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="also the BN-policy table (15 runs)")
     args = parser.parse_args()
     text = README.read_text()
-    block = f"```text\n$ xfer run --backend torch\n{run_text(xfer_run())}\n```"
+    block = f"```text\n$ xfer run --backend torch\n{cli.run_text(xfer_run())}\n```"
     text = replace_block(text, "run", block)
     if args.table:
         text = replace_block(text, "bn-table", bn_table())

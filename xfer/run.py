@@ -11,8 +11,6 @@ import dataclasses
 import importlib.resources
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -295,31 +293,27 @@ def transfer_on_other_keras_engine(
         ...                                          bn=None, seed=0, quick=False)  # doctest: +SKIP
     """
     from xfer.files import write_arrays
+    from xfer.subprocesses import run_python
 
     code = (
         "import json, sys\n"
         "from safetensors.numpy import load_file\n"
         "from xfer import run\n"
-        "preset, bn, seed, quick = sys.argv[2], sys.argv[3] or None, int(sys.argv[4]), sys.argv[5] == '1'\n"
-        "history, _ = run.transfer('keras', load_file(sys.argv[1]), preset=preset, bn=bn, seed=seed, quick=quick, model=sys.argv[6])\n"
-        "print(json.dumps(history.to_dict()))\n"
+        "from xfer.subprocesses import answer\n"
+        "history, _ = run.transfer('keras', load_file(sys.argv[1]), **json.loads(sys.argv[2]))\n"
+        "answer(history.to_dict())\n"
     )
+    options = dict(preset=preset, bn=bn, seed=seed, quick=quick, model=model)
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "start.safetensors")
         write_arrays(path, start)  # contiguous first: see xfer.files
-        args = [path, preset, bn or "", str(seed), "1" if quick else "0", model]
-        # From the temporary directory: `python -c` puts the working directory first on
-        # sys.path, and a source checkout there would shadow the installed xfer.
-        done = subprocess.run(
-            [sys.executable, "-c", code, *args],
-            env={**os.environ, "KERAS_BACKEND": engine},
-            capture_output=True,
-            text=True,
-            cwd=directory,
+        done = run_python(
+            code,
+            [path, json.dumps(options)],
+            env={"KERAS_BACKEND": engine},
+            what=f"keras-{engine} (in its subprocess)",
         )
-    if done.returncode != 0:
-        raise RuntimeError(f"keras-{engine} failed in its subprocess: {done.stderr.strip()[-800:]}")
-    return History.from_dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    return History.from_dict(done)
 
 
 def run(

@@ -15,10 +15,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import os
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -135,32 +131,17 @@ def run_probes(probes: dict[str, Callable[[], dict]]) -> dict[str, dict]:
     return cells
 
 
-_MARKER = "XFER-SEMANTICS "
 _CHILD = (
-    "import json\n"
     "from xfer.backends import keras_semantics as k\n"
-    f"print({_MARKER!r} + json.dumps({{'versions': k.versions(), 'cells': k.probe()}}))\n"
+    "from xfer.subprocesses import answer\n"
+    "answer({'versions': k.versions(), 'cells': k.probe()})\n"
 )
 
 
 def _keras_in_subprocess(engine: str) -> dict:
-    env = {**os.environ, "KERAS_BACKEND": engine}
-    # From the temporary directory: `python -c` puts the working directory first on
-    # sys.path, and a source checkout there would shadow the installed xfer.
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        cwd=tempfile.gettempdir(),
-    )
-    for line in done.stdout.splitlines():
-        if line.startswith(_MARKER):
-            return json.loads(line[len(_MARKER) :])
-    tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-    raise RuntimeError(f"exit {done.returncode}: {tail[0]}")
+    from xfer.subprocesses import run_python
+
+    return run_python(_CHILD, env={"KERAS_BACKEND": engine}, timeout=600, what=f"keras-{engine}")
 
 
 def _column(name: str, measured: dict) -> dict:
@@ -219,7 +200,7 @@ def measure(
                 progress(f"probing keras-{other} (in a subprocess: one engine per process)")
             try:
                 columns.append(_column(f"keras-{other}", _keras_in_subprocess(other)))
-            except (RuntimeError, OSError, subprocess.TimeoutExpired, ValueError) as error:
+            except (RuntimeError, OSError, ValueError) as error:
                 notes.append(f"keras-{other}: the subprocess failed ({error}), left out")
     return {
         "xfer": _xfer_version(),
