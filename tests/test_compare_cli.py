@@ -7,7 +7,10 @@ subprocess) and flax; ``--format json`` is parsed. Runs when XFER_PARITY=1 (nox 
 - the default model (small_cnn, pretrained on the source digits by the first backend);
 - ``--model resnet18``: a narrow ResNet-18 from fresh seeded weights on the digits upsampled
   to 16x16, with the preset's BN policies (frozen, then affine: moving statistics);
-- and a run that must fail: ``--tolerance 0`` exits 1 and names a pair.
+- the whole main job (40 epochs), which the README says agrees;
+- and runs that must fail: ``--tolerance 0`` exits 1 and names a pair; and with the one
+  array writer's contiguity step removed (the bug of issue 11: safetensors 0.8 scrambles a
+  transposed view), the handoff to Keras's other engine is caught.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ pytestmark = pytest.mark.skipif(
 BACKENDS = {"torch", "keras-jax", "keras-torch", "flax"}
 
 
-def _compare(tmp_path, *options: str) -> tuple[int, dict, str]:
+def _compare(
+    tmp_path, *options: str, quick: bool = True, **extra_env: str
+) -> tuple[int, dict, str]:
     exe = shutil.which("xfer")
     assert exe, "the xfer console script is not on PATH: pip install -e '.[all]'"
     home = tmp_path / "home"
@@ -40,9 +45,11 @@ def _compare(tmp_path, *options: str) -> tuple[int, dict, str]:
         "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
         # Passed on only when set, to test a source checkout without installing it.
         **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ},
+        **extra_env,
     }
     args = [exe, "compare", "--backend", "torch", "--backend", "keras", "--backend", "flax"]
-    args += ["--quick", "--format", "json", "--out", str(tmp_path / "report"), *options]
+    args += [*(["--quick"] if quick else []), "--format", "json"]
+    args += ["--out", str(tmp_path / "report"), *options]
     done = subprocess.run(args, env=env, capture_output=True, text=True, cwd=tmp_path)
     assert done.stdout.strip(), f"no JSON on stdout; stderr: {done.stderr[-2000:]}"
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
@@ -72,3 +79,28 @@ def test_compare_fails_past_its_tolerance_and_names_the_pair(tmp_path):
     assert set(first["pair"]) <= BACKENDS and first["relative"] > 0
     assert f"{first['pair'][0]} vs {first['pair'][1]} diverged in stage" in stderr
     assert "**DIVERGED**" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_the_whole_main_job_agrees_across_the_four_backends(tmp_path):
+    """What the README says of `xfer compare` on the main job, 40 epochs."""
+    status, result, stderr = _compare(tmp_path, quick=False)
+    print(f"\nmain job: {result['verdict']}, largest {result['largest']}")
+    assert status == 0, stderr[-2000:]
+    assert result["verdict"] == "agree" and set(result["backends"]) == BACKENDS
+
+
+def test_a_scrambled_weights_handoff_is_caught(tmp_path):
+    """Remove the contiguity step of xfer's one array writer, as the compare handoff once
+    lacked it: the start weights reach Keras's other engine in the wrong element order on
+    safetensors 0.8, and compare must exit 1 naming that engine."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import numpy as np\nimport xfer.files\n"
+        "xfer.files.canonical_array = lambda array: np.asarray(array)\n"
+    )
+    path = os.pathsep.join([str(shim), *filter(None, [os.environ.get("PYTHONPATH")])])
+    status, result, stderr = _compare(tmp_path, PYTHONPATH=path)
+    assert status == 1, "compare passed with the contiguity step removed"
+    assert result["verdict"] == "diverged"
+    assert "keras-torch" in result["first_divergence"]["pair"], result["first_divergence"]

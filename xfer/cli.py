@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         status = _exit_status(error)
         if status is None or os.environ.get("XFER_DEBUG"):
             raise
-        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        message = _one_line(error)
         print(f"xfer {args.command}: {message or type(error).__name__}", file=sys.stderr)
         return status
 
