@@ -156,3 +156,24 @@ def test_a_perturbed_start_on_real_training_is_caught(kit):
     )
     assert verdict.first.relative > 1e-3  # far past float32 noise, not a near miss
     json.dumps(verdict.to_dict())  # what --format json prints
+
+
+def test_accuracies_are_compared_in_absolute_terms_against_their_own_tolerance():
+    """Two of 796 validation images flipping at the decision boundary (0.687 vs 0.690,
+    losses equal) is float32 rounding, not a disagreement; two points apart is one."""
+    near = {
+        "torch": _history("torch", [1.6, 1.4], [1.3, 1.2], acc=0.6872),
+        "flax": _history("flax", [1.6, 1.4], [1.3, 1.2], acc=0.6897),
+    }
+    verdict = report.check(near)
+    assert verdict.status == "agree", verdict.summary()
+    assert verdict.largest_accuracy_gap.absolute == pytest.approx(0.0025)
+    assert "accuracies within 0.0025" in verdict.summary()
+    far = {**near, "flax": _history("flax", [1.6, 1.4], [1.3, 1.2], acc=0.7072)}
+    verdict = report.check(far)
+    assert verdict.status == "diverged" and verdict.first.metric == "val acc"
+    assert "(apart 0.02 > accuracy tolerance 0.005)" in verdict.summary()
+    assert report.check(far, accuracy_tolerance=0.05).status == "agree"
+    assert verdict.to_dict()["accuracy_tolerance"] == 0.005
+    with pytest.raises(ValueError, match="accuracy_tolerance must be a finite number >= 0"):
+        report.check(near, accuracy_tolerance=-1)

@@ -159,12 +159,11 @@ def test_the_readme_bn_policy_table_is_what_fresh_runs_print(kit):
     seeds 1 and 2 pretrain their source model first)."""
     table = _readme_bn_table()
     assert list(table) == [None, "frozen", "affine", "adapt", "train"]
-    # What the README's prose says of the table: on every seed both policies whose
-    # statistics follow the target beat every policy that keeps the source's.
-    for seed in range(3):
-        following = min(table[p][seed] for p in ("adapt", "train"))
-        keeping = max(table[p][seed] for p in (None, "frozen", "affine"))
-        assert following > keeping, f"seed {seed}: the README's prose no longer holds"
+    # What the README's prose says of the table: `train` does best on most seeds.
+    best = [max(table, key=lambda p: table[p][seed]) for seed in range(3)]
+    assert best.count("train") >= 2, (
+        f"best policy per seed: {best}; the README's prose no longer holds"
+    )
     for policy, accuracies in table.items():
         for seed, readme in enumerate(accuracies):
             history = run.run("torch", bn=policy, seed=seed).history

@@ -248,7 +248,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 histories[f"keras-{other}"] = run.transfer_on_other_keras_engine(
                     other, start, **options
                 )
-        verdict = report.check(histories, args.tolerance)
+        verdict = report.check(histories, args.tolerance, args.accuracy_tolerance)
     except (RuntimeError, ValueError) as error:
         # One line, not a traceback: what failed is in the message.
         print(f"xfer compare: {error}", file=sys.stderr)
@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--out", default="xfer-report", help="directory for report.md and loss_curves.png"
             )
-            from xfer.report import DEFAULT_TOLERANCE, FLOOR
+            from xfer.report import DEFAULT_ACCURACY_TOLERANCE, DEFAULT_TOLERANCE, FLOOR
             from xfer.run import MODELS
 
             sub.add_argument(
@@ -441,8 +441,16 @@ def build_parser() -> argparse.ArgumentParser:
                 type=_tolerance,
                 default=DEFAULT_TOLERANCE,
                 help="largest relative difference |a-b|/max(|a|,|b|,"
-                f"{FLOOR:g}) allowed between two backends' losses and accuracies "
+                f"{FLOOR:g}) allowed between two backends' losses "
                 f"(default: {DEFAULT_TOLERANCE:g}); past it compare exits 1",
+            )
+            sub.add_argument(
+                "--accuracy-tolerance",
+                type=_tolerance,
+                default=DEFAULT_ACCURACY_TOLERANCE,
+                help="largest difference allowed between two backends' validation accuracies "
+                f"(default: {DEFAULT_ACCURACY_TOLERANCE:g}: an image on the decision boundary "
+                "may flip with float32 rounding); past it compare exits 1",
             )
             sub.add_argument(
                 "--model",

@@ -173,7 +173,9 @@ def stages_for(preset: str, model: Any, bn: str | None, quick: bool = False) -> 
     """The preset's stages for the embedded task, with ``bn`` (if given) in every stage;
     ``quick``: at most two epochs per stage (a smoke run)."""
     tuned = {
-        "keras_guide": dict(lr=0.05, epochs=20, finetune_lr=5e-4, finetune_epochs=20),
+        # Fine-tuning at 1e-4: at 5e-4 the first fine-tuning epoch's loss spiked to ~10
+        # and float32 rounding grew past compare's tolerance on some seeds and policies.
+        "keras_guide": dict(lr=0.05, epochs=20, finetune_lr=1e-4, finetune_epochs=20),
         "fine_tune": dict(lr=0.05, freeze_epochs=10, epochs=20),
         "gradual": dict(lr=0.01, epochs_per_stage=15),
         "discriminative": dict(lr=0.01, epochs=30),
