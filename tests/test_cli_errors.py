@@ -6,6 +6,7 @@ empty cache and home, as a user would meet it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -31,12 +32,15 @@ def _xfer(tmp_path, *args, **env):
     }
     if "XFER_DEBUG" not in env:
         environ.pop("XFER_DEBUG", None)
+    # From a directory of its own: `-m` puts the working directory first on sys.path, and
+    # a source checkout there would shadow the installed xfer.
     return subprocess.run(
         [sys.executable, "-m", "xfer", *args],
         capture_output=True,
         text=True,
         env=environ,
         timeout=300,
+        cwd=tmp_path,
     )
 
 
@@ -54,18 +58,23 @@ def test_an_unknown_backend_in_the_environment_is_one_line(tmp_path):
     _assert_one_line(out, "run", "Unknown xfer backend 'nope'")
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("keras") is None, reason="Keras is not installed in this session"
+)
 def test_keras_on_tensorflow_is_one_line(tmp_path):
     out = _xfer(tmp_path, "run", "--quiet", "--backend", "keras", KERAS_BACKEND="tensorflow")
     _assert_one_line(out, "run", "set KERAS_BACKEND=jax or torch")
 
 
 def test_a_backend_whose_framework_cannot_be_imported_is_one_line(tmp_path):
-    # A package that is found but fails to import, as a broken install does.
-    shadow = tmp_path / "shadow" / "flax"
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ImportError('flax is broken here')\n")
+    # Packages that are found but fail to import, as a broken install does (all that the
+    # flax backend imports, so that whichever comes first fails, in any session).
+    for package in ("flax", "optax", "jax"):
+        shadow = tmp_path / "shadow" / package
+        shadow.mkdir(parents=True)
+        (shadow / "__init__.py").write_text(f"raise ImportError('{package} is broken here')\n")
     out = _xfer(tmp_path, "run", "--quiet", "--backend", "flax")
-    _assert_one_line(out, "run", "flax is broken here")
+    _assert_one_line(out, "run", "is broken here")
 
 
 def test_a_checkpoint_below_a_regular_file_is_one_line(tmp_path):
@@ -127,3 +136,11 @@ def test_a_bad_option_is_one_line_before_anything_runs(tmp_path, args, message):
     out = _xfer(tmp_path, *args)
     _assert_one_line(out, args[0], message)
     assert out.stderr.strip().endswith(f"(see xfer {args[0]} --help)")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("jax") is not None, reason="jax is installed in this session"
+)
+def test_a_backend_whose_framework_is_missing_names_the_extra_to_install(tmp_path):
+    out = _xfer(tmp_path, "run", "--quiet", "--backend", "flax")
+    _assert_one_line(out, "run", 'pip install "xfer[flax]"')

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 BACKENDS = ("torch", "keras", "flax")
 
 # The packages each backend needs, and the extra that installs them.
-_REQUIRES = {"torch": ("torch",), "keras": ("keras",), "flax": ("flax", "optax")}
+_REQUIRES = {"torch": ("torch",), "keras": ("keras",), "flax": ("flax", "optax", "jax")}
 _KERAS_ENGINES = ("jax", "torch")  # tensorflow is not supported by xfer
 
 _current: str | None = None

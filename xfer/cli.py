@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import os
 import sys
+import warnings
 from typing import NoReturn
 
 from xfer import _config
@@ -495,7 +496,13 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            if not os.environ.get("XFER_DEBUG"):
+                # A warning is a note to the user, not a source line of xfer's.
+                warnings.showwarning = lambda message, *_, **__: print(
+                    f"xfer {args.command}: note: {_one_line(message)}", file=sys.stderr
+                )
+            return args.run(args)
     except KeyboardInterrupt:
         if os.environ.get("XFER_DEBUG"):
             raise
