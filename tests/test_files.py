@@ -127,3 +127,13 @@ def test_nothing_else_in_xfer_writes_safetensors_or_renames_files():
                     if needle in text:
                         offenders.append(f"{name}: {needle}")
     assert offenders == []
+
+
+def test_a_written_file_gets_the_mode_of_a_plain_open_or_of_the_file_it_replaces(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    written = files.write_text(tmp_path / "report.md", "x")
+    assert written.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not mkstemp's 0600
+    os.chmod(written, 0o640)
+    files.write_text(written, "y")
+    assert written.stat().st_mode & 0o777 == 0o640

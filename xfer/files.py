@@ -62,6 +62,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        os.chmod(tmp, _mode_for(path))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -71,6 +73,16 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         raise
     _fsync_directory(directory)
     return path
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits of the file being replaced, else those of a new file (umask)."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _fsync_directory(directory: Path) -> None:
