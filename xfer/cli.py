@@ -170,7 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\n{stop}", file=sys.stderr)  # it says what is saved and how to resume
         return 130
     except (NonFiniteLoss, CheckpointError) as error:
-        print(f"xfer run: {error}", file=sys.stderr)
+        print(f"xfer run: {_one_line(error)}", file=sys.stderr)
         return 1
     finally:
         if progress is not None:
@@ -252,7 +252,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         verdict = report.check(histories, args.tolerance, args.accuracy_tolerance)
     except (RuntimeError, ValueError) as error:
         # One line, not a traceback: what failed is in the message.
-        print(f"xfer compare: {error}", file=sys.stderr)
+        print(f"xfer compare: {_one_line(error)}", file=sys.stderr)
         return 1
     finally:
         if progress is not None:
