@@ -23,7 +23,8 @@ def _xfer(tmp_path, *args, **env):
     home.mkdir(exist_ok=True)
     environ = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([ROOT, str(tmp_path / "shadow")]),
+        # A test's shadow packages come first: before the installed ones too.
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"), ROOT]),
         "HOME": str(home),
         "XFER_CACHE": str(tmp_path / "cache"),
         "KERAS_HOME": str(home / ".keras"),
