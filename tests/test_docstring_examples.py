@@ -18,6 +18,7 @@ MODULES = [
     "xfer.report",
     "xfer.subprocesses",
     "xfer.checkpoint",
+    "xfer._checks",
 ]
 
 

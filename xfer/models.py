@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from xfer._adapter import find_adapter, load_adapter
+from xfer._checks import check_integer
 from xfer._config import get_backend
 
 
@@ -32,8 +33,7 @@ def small_cnn(
         ("in_channels", in_channels, 1),
         ("width", width, 1),
     ):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"small_cnn: {name} must be an integer >= {low}, got {value!r}.")
+        check_integer(value, f"small_cnn: {name}", low)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"small_cnn: dropout must be in [0, 1), got {dropout!r}.")
     adapter = load_adapter(backend or get_backend())
@@ -89,11 +89,7 @@ def attach_head(
         >>> model = xfer.models.attach_head(base, 10)            # doctest: +SKIP
         >>> xfer.freeze(model, S.path("base.**"))                # doctest: +SKIP
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(
-            f"attach_head: num_classes must be an integer >= 2 (the number of output "
-            f"classes), got {num_classes!r}."
-        )
+    check_integer(num_classes, "attach_head: num_classes", 2)  # the number of output classes
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
         raise ValueError(f"attach_head: dropout must be a number in [0, 1), got {dropout!r}.")
     if not 0.0 <= dropout < 1.0:
@@ -111,8 +107,7 @@ def attach_head(
                 "e.g. input_shape=(224, 224, 3), without the batch dimension."
             )
         input_shape = shape
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"attach_head: seed must be an integer, got {seed!r}.")
+    check_integer(seed, "attach_head: seed")
     adapter = find_adapter(base)
     return adapter.attach_head(
         base, num_classes, dropout=float(dropout), input_shape=input_shape, seed=seed
@@ -162,9 +157,7 @@ def resnet(
         ("in_channels", in_channels, 1),
         ("width", width, 1),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"resnet: {name} must be an integer >= {low}, got {value!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"resnet: seed must be an integer, got {seed!r}.")
+        check_integer(value, f"resnet: {name}", low)
+    check_integer(seed, "resnet: seed")
     adapter = load_adapter(backend or get_backend())
     return adapter.resnet(depth, num_classes, in_channels, width=width, seed=seed)

@@ -21,6 +21,7 @@ from xfer import cache as C
 from xfer import data as D
 from xfer import select as S
 from xfer._adapter import Adapter, Unit, find_adapter
+from xfer._checks import check_integer, check_positive, is_number
 from xfer._table import table
 from xfer.checkpoint import (
     Checkpoint,
@@ -122,8 +123,8 @@ class Stage:
             BNPolicy.of(self.bn)
         if self.mode is not None:
             _check_mode(self.mode)
-        _check_lr(self.lr, f"Stage {self.name!r}: lr")
-        _check_count(self.epochs, f"Stage {self.name!r}: epochs")
+        check_positive(self.lr, f"Stage {self.name!r}: lr")
+        check_integer(self.epochs, f"Stage {self.name!r}: epochs", 1)
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ValueError(
                 f"Stage {self.name!r}: unknown optimizer {self.optimizer!r}; expected one of "
@@ -140,26 +141,7 @@ class Stage:
                     f"Stage {self.name!r}: lr_groups entries are (selector, positive lr), got {group!r}."
                 )
             S._check(group[0])
-            _check_lr(group[1], f"Stage {self.name!r}: the lr of lr_groups entry {group[0]!r}")
-
-
-def _is_real(value: object) -> bool:
-    # bool is an int to Python, but Stage(lr=True) or batch_size=True is a mistake.
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, (bool, np.bool_)
-    )
-
-
-def _check_lr(value: object, what: str) -> None:
-    if not (_is_real(value) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{what} must be a positive finite number, got {value!r}.")
-
-
-def _check_count(value: object, what: str, minimum: int = 1) -> None:
-    if not (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))):
-        raise TypeError(f"{what} must be an integer >= {minimum}, got {value!r}.")
-    if value < minimum:
-        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}.")
+            check_positive(group[1], f"Stage {self.name!r}: the lr of lr_groups entry {group[0]!r}")
 
 
 @dataclasses.dataclass
@@ -416,8 +398,8 @@ class TransferPipeline:
         unknown = [m for m in metrics if m not in METRICS]
         if unknown:
             raise ValueError(f"Unknown metrics {unknown}: expected some of {METRICS}.")
-        _check_count(batch_size, "batch_size")
-        _check_count(seed, "seed (it seeds numpy's generator, which takes no negative)", 0)
+        check_integer(batch_size, "batch_size", 1)
+        check_integer(seed, "seed (it seeds numpy's generator, which takes no negative)", 0)
         _check_weight_decay(weight_decay, optimizer, stages)
         if cache not in C.CACHE_SETTINGS:
             raise ValueError(
@@ -479,9 +461,8 @@ class TransferPipeline:
             >>> pipe.fit(train, val)                 # Ctrl-C in stage 2 ...       # doctest: +SKIP
             >>> pipe.fit(train, val, resume=True)    # ... goes on with stage 2    # doctest: +SKIP
         """
-        self.check(train, val, resume=resume)
-        device = self.adapter.place(self.model, self.device)
-        history, start = self._start(resume, train)
+        checkpoint, device = self._checked(train, val, resume)
+        history, start = self._start(checkpoint)
         history.device = self._placed = device
         index, saving = start, False
         try:
@@ -515,6 +496,12 @@ class TransferPipeline:
             >>> pipe = xfer.TransferPipeline(model, stages, checkpoint_dir="ckpt")  # doctest: +SKIP
             >>> pipe.check(train, val)     # before an hour of something else      # doctest: +SKIP
         """
+        self._checked(train, val, resume)
+
+    def _checked(
+        self, train: D.Data, val: D.Data | None, resume: bool
+    ) -> tuple[Checkpoint | None, str]:
+        """:meth:`check`, returning the checkpoint to resume from and the device."""
         if resume and self.checkpoint_dir is None:
             raise ValueError(
                 "fit(resume=True) needs a checkpoint directory to resume from: pass "
@@ -529,12 +516,11 @@ class TransferPipeline:
         D.check(train, name="train", num_classes=num_classes, in_channels=in_channels)
         if val is not None:
             D.check(val, name="val", num_classes=num_classes, in_channels=in_channels)
-        self._resume_point(resume, train)
-        self.adapter.place(self.model, self.device)
-
-    def _start(self, resume: bool, train: D.Data) -> tuple[History, int]:
-        """The history to extend and the first stage to run, from the checkpoint if resuming."""
         checkpoint = self._resume_point(resume, train)
+        return checkpoint, self.adapter.place(self.model, self.device)
+
+    def _start(self, checkpoint: Checkpoint | None) -> tuple[History, int]:
+        """The history to extend and the first stage to run, from ``checkpoint`` if any."""
         if checkpoint is None:
             return History(self.adapter.name), 0
         restored = History.from_dict(checkpoint.history)
@@ -768,7 +754,7 @@ class TransferPipeline:
 
 
 def _check_weight_decay(weight_decay: object, optimizer: str, stages: Sequence[Stage]) -> None:
-    if not (_is_real(weight_decay) and math.isfinite(weight_decay) and weight_decay >= 0):
+    if not (is_number(weight_decay) and math.isfinite(weight_decay) and weight_decay >= 0):
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}.")
     if weight_decay == 0:
         return

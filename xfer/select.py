@@ -18,6 +18,7 @@ import fnmatch
 from collections.abc import Callable, Sequence
 
 from xfer._adapter import KINDS, Unit
+from xfer._checks import check_integer
 
 __all__ = ["Selector", "all", "type", "bn", "name", "path", "top", "from_index"]
 
@@ -147,7 +148,7 @@ def top(k: int) -> Selector:
         >>> S.top(2)
         top(2)
     """
-    _check_count(k, "top", minimum=1)
+    check_integer(k, "S.top(k): k", 1)
 
     def pick(units: Sequence[Unit]) -> set[str]:
         n_top = 1 + max((u.index for u in units), default=-1)
@@ -165,7 +166,7 @@ def from_index(i: int) -> Selector:
         >>> S.from_index(3)
         from_index(3)
     """
-    _check_count(i, "from_index", minimum=None)
+    check_integer(i, "S.from_index(i): i")
 
     def pick(units: Sequence[Unit]) -> set[str]:
         n_top = 1 + max((u.index for u in units), default=-1)
@@ -194,10 +195,3 @@ def _check_pattern(pattern: object, fn: str) -> None:
             f"S.{fn}() needs a non-empty glob string, got {pattern!r}; "
             f"e.g. S.{fn}({'*_bn' if fn == 'name' else 'base.**'!r})."
         )
-
-
-def _check_count(value: object, fn: str, minimum: int | None) -> None:
-    bad = not isinstance(value, int) or isinstance(value, bool)
-    if bad or (minimum is not None and value < minimum):
-        expected = "an integer" if minimum is None else f"an integer >= {minimum}"
-        raise ValueError(f"S.{fn}() needs {expected}, got {value!r}.")
