@@ -12,29 +12,29 @@ once per process, hence one session per Keras engine.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import tempfile
 
 import nox
 
+
+def _registry():
+    """xfer's backend registry (xfer/_config.py), read without installing xfer here."""
+    spec = importlib.util.spec_from_file_location("xfer_registry", "xfer/_config.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.REGISTRY
+
+
+REGISTRY = _registry()
+
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = [
-    "lint",
-    "tests-torch",
-    "tests-keras-jax",
-    "tests-keras-torch",
-    "tests-flax",
-    "parity",
-]
+nox.options.sessions = ["lint", *(f"tests-{f.label}" for f in REGISTRY), "parity"]
 
 CONSTRAINTS = ("-c", "constraints.txt")
-# session backend id -> (extras to install, environment)
-BACKENDS = {
-    "torch": (["torch"], {}),
-    "keras-jax": (["keras"], {"KERAS_BACKEND": "jax"}),
-    "keras-torch": (["keras", "torch"], {"KERAS_BACKEND": "torch"}),
-    "flax": (["flax"], {}),
-}
 
 
 def _make_tests(backend: str, extras: list[str], env: dict[str, str]):
@@ -56,8 +56,12 @@ def _make_tests(backend: str, extras: list[str], env: dict[str, str]):
     return tests
 
 
-for _backend, (_extras, _env) in BACKENDS.items():
-    globals()[f"tests_{_backend.replace('-', '_')}"] = _make_tests(_backend, _extras, _env)
+for _flavour in REGISTRY:
+    globals()[f"tests_{_flavour.label.replace('-', '_')}"] = _make_tests(
+        _flavour.label,
+        list(_flavour.extras),
+        {"KERAS_BACKEND": _flavour.keras_engine} if _flavour.keras_engine else {},
+    )
 
 
 @nox.session

@@ -23,16 +23,6 @@ L = keras.layers
 _SHAPE = (6, 6, 3)
 
 
-def engine() -> str:
-    """The Keras engine of this process (``"jax"`` or ``"torch"``).
-
-    Example:
-        >>> engine()                                          # doctest: +SKIP
-        'jax'
-    """
-    return keras.backend.backend()
-
-
 def versions() -> dict[str, str]:
     """The installed versions these probes measure: Keras and its engine.
 
@@ -41,8 +31,9 @@ def versions() -> dict[str, str]:
         {'keras': '3.15.1', 'jax': '0.10.2'}
     """
     # The local part ("+cpu") names a build, not a behaviour.
-    version = importlib.metadata.version(engine()).split("+")[0]
-    return {"keras": keras.__version__, engine(): version}
+    engine = keras.backend.backend()
+    version = importlib.metadata.version(engine).split("+")[0]
+    return {"keras": keras.__version__, engine: version}
 
 
 def _images(n: int = 8, offset: float = 0.5, seed: int = 0) -> np.ndarray:

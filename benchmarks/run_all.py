@@ -31,8 +31,10 @@ import sys
 import tempfile
 import time
 
+from xfer._config import LABELS
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-BACKENDS = ("torch", "keras-jax", "keras-torch", "flax")
+BACKENDS = LABELS
 START, END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
 
 

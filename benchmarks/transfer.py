@@ -62,7 +62,9 @@ from typing import Any
 
 import numpy as np
 
-BACKENDS = ("torch", "keras-jax", "keras-torch", "flax")
+from xfer._config import LABELS
+
+BACKENDS = LABELS
 NUM_CLASSES = 10
 # Stage 1 at least 3x faster than native; stage 2 no slower than 1.1x native; memory no
 # higher than native.

@@ -7,12 +7,13 @@ tests Keras on one engine only.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import tempfile
 
 import pytest
+
+from xfer._config import REGISTRY, is_installed, keras_engine
 
 sys.path.insert(0, os.path.dirname(__file__))
 # Keras writes ~/.keras unless KERAS_HOME points elsewhere.
@@ -24,17 +25,12 @@ def _available() -> list[str]:
     wanted = os.environ.get("XFER_TEST_BACKENDS")
     if wanted:
         return [b.strip() for b in wanted.split(",") if b.strip()]
-    found = []
-    if importlib.util.find_spec("torch"):
-        found.append("torch")
-    if importlib.util.find_spec("keras"):
-        engine = os.environ.setdefault(
-            "KERAS_BACKEND", "jax" if importlib.util.find_spec("jax") else "torch"
-        )
-        found.append(f"keras-{engine}")
-    if importlib.util.find_spec("flax"):
-        found.append("flax")
-    return found
+    engine = keras_engine()  # Keras runs on one engine per process
+    return [
+        f.label
+        for f in REGISTRY
+        if all(is_installed(p) for p in f.packages) and f.keras_engine in (None, engine)
+    ]
 
 
 BACKENDS = _available()

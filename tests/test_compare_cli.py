@@ -22,10 +22,12 @@ import subprocess
 
 import pytest
 
+from xfer._config import LABELS
+
 pytestmark = pytest.mark.skipif(
     os.environ.get("XFER_PARITY") != "1", reason="compare end to end runs in `nox -s parity`"
 )
-BACKENDS = {"torch", "keras-jax", "keras-torch", "flax"}
+BACKENDS = set(LABELS)
 
 
 def _compare(

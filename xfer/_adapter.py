@@ -233,7 +233,7 @@ def load_adapter(backend: str) -> Adapter:
     """
     from xfer import _config
 
-    backend = _config._validate(backend)
+    backend = _config.validate_backend(backend)
     if backend not in _adapters:
         _config.require(backend)
         module = importlib.import_module(f"xfer.backends.{backend}")

@@ -1,4 +1,9 @@
-"""The backend flag: which framework xfer uses for what it builds itself.
+"""The backend registry and the backend flag.
+
+``REGISTRY`` is the one table of the ways xfer runs (torch, keras-jax, keras-torch, flax):
+the CLI, the reports, the benchmarks, the tests and noxfile.py all read it.
+
+The flag says which framework xfer uses for what it builds itself.
 
 Read once from ``XFER_BACKEND``; changed with :func:`set_backend` or, for a block,
 :func:`backend_context`. Models passed to the state operations are recognised from
@@ -8,6 +13,7 @@ their type, whatever the flag says. Nothing here imports a framework.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -15,16 +21,44 @@ import sys
 import warnings
 from collections.abc import Iterator
 
-BACKENDS = ("torch", "keras", "flax")
 
-# The packages each backend needs, and the extra that installs them.
-_REQUIRES = {"torch": ("torch",), "keras": ("keras",), "flax": ("flax", "optax", "jax")}
-_KERAS_ENGINES = ("jax", "torch")  # tensorflow is not supported by xfer
+@dataclasses.dataclass(frozen=True)
+class Flavour:
+    """One way xfer runs: a backend, and for Keras the engine under it.
+
+    ``label`` is how the CLI, the reports, the benchmarks, the tests and nox name it;
+    ``extras`` are the ``pip install "xfer[...]"`` extras that install it; ``packages``
+    must be importable for it to run (the import probe).
+    """
+
+    label: str
+    backend: str
+    keras_engine: str | None
+    extras: tuple[str, ...]
+    packages: tuple[str, ...]
+
+
+# THE backend registry: every other list of backends or labels is derived from it.
+REGISTRY = (
+    Flavour("torch", "torch", None, ("torch",), ("torch",)),
+    Flavour("keras-jax", "keras", "jax", ("keras",), ("keras", "jax")),
+    Flavour("keras-torch", "keras", "torch", ("keras", "torch"), ("keras", "torch")),
+    Flavour("flax", "flax", None, ("flax",), ("flax", "optax", "jax")),
+)
+BACKENDS = tuple(dict.fromkeys(f.backend for f in REGISTRY))  # torch, keras, flax
+LABELS = tuple(f.label for f in REGISTRY)
+KERAS_ENGINES = tuple(f.keras_engine for f in REGISTRY if f.keras_engine)  # no tensorflow
 
 _current: str | None = None
 
 
-def _validate(name: object) -> str:
+def validate_backend(name: object) -> str:
+    """``name`` as a backend name, or a ``ValueError`` listing the valid ones.
+
+    Example:
+        >>> validate_backend("Torch")
+        'torch'
+    """
     if not isinstance(name, str) or name.lower() not in BACKENDS:
         raise ValueError(
             f"Unknown xfer backend {name!r}: expected one of {', '.join(BACKENDS)}. "
@@ -33,14 +67,74 @@ def _validate(name: object) -> str:
     return name.lower()
 
 
+def flavour(label: str) -> Flavour:
+    """The registry entry named ``label``, or a ``ValueError`` listing the labels.
+
+    Example:
+        >>> flavour("keras-torch").keras_engine
+        'torch'
+    """
+    for entry in REGISTRY:
+        if entry.label == label:
+            return entry
+    raise ValueError(f"Unknown xfer backend label {label!r}: expected one of {', '.join(LABELS)}.")
+
+
+def keras_engine() -> str:
+    """The Keras engine of this process: Keras's own answer once Keras is imported, else
+    what it will be: ``KERAS_BACKEND``, or when unset the engine :func:`require` will choose
+    (the first installed). Keras reads it once per process.
+
+    Example:
+        >>> keras_engine() in KERAS_ENGINES
+        True
+    """
+    keras = sys.modules.get("keras")
+    if keras is not None:
+        return keras.backend.backend()
+    chosen = os.environ.get("KERAS_BACKEND")
+    installed = [e for e in KERAS_ENGINES if is_installed(e)] or [KERAS_ENGINES[0]]
+    return chosen.lower() if chosen else installed[0]
+
+
+def label(backend: str) -> str:
+    """How the CLI, the reports and the tests name ``backend`` in this process:
+    ``keras-jax`` or ``keras-torch`` for Keras, else the backend name.
+
+    Example:
+        >>> label("flax")
+        'flax'
+    """
+    return f"keras-{keras_engine()}" if validate_backend(backend) == "keras" else backend
+
+
+def other_keras_engine() -> str:
+    """The Keras engine this process does not run (compare and semantics run it in a
+    subprocess).
+
+    Example:
+        >>> other_keras_engine() in KERAS_ENGINES
+        True
+    """
+    return next(e for e in KERAS_ENGINES if e != keras_engine())
+
+
 def is_installed(package: str) -> bool:
     """Whether ``package`` can be imported, without importing it."""
     return package in sys.modules or importlib.util.find_spec(package) is not None
 
 
 def missing(backend: str) -> list[str]:
-    """The packages ``backend`` needs that are not installed."""
-    return [p for p in _REQUIRES[backend] if not is_installed(p)]
+    """The packages ``backend`` needs that are not installed (for Keras, Keras itself:
+    its engine is checked when Keras is chosen).
+
+    Example:
+        >>> missing("torch") in ([], ["torch"])
+        True
+    """
+    rows = [f.packages for f in REGISTRY if f.backend == validate_backend(backend)]
+    needed = [p for p in rows[0] if all(p in row for row in rows)]
+    return [p for p in needed if not is_installed(p)]
 
 
 def require(backend: str) -> None:
@@ -61,13 +155,13 @@ def _choose_keras_engine() -> None:
     engine = os.environ.get("KERAS_BACKEND")
     if engine:
         # Refused here, before Keras's import fails deep in its own traceback.
-        if engine.lower() not in _KERAS_ENGINES:
+        if engine.lower() not in KERAS_ENGINES:
             raise ImportError(
                 f"KERAS_BACKEND={engine} is not an engine xfer can use: xfer supports the "
                 "jax and torch engines of Keras; set KERAS_BACKEND=jax or torch."
             )
         return
-    for engine in _KERAS_ENGINES:
+    for engine in KERAS_ENGINES:
         if is_installed(engine):
             os.environ["KERAS_BACKEND"] = engine
             warnings.warn(
@@ -85,9 +179,9 @@ def _choose_keras_engine() -> None:
 def _default() -> str:
     env = os.environ.get("XFER_BACKEND")
     if env:
-        return _validate(env)
+        return validate_backend(env)
     for name in BACKENDS:
-        if all(is_installed(p) for p in _REQUIRES[name]):
+        if not missing(name):
             return name
     raise ImportError(
         'No framework for xfer is installed: pip install "xfer[torch]", "xfer[keras]" '
@@ -122,7 +216,7 @@ def set_backend(name: str) -> None:
         'torch'
     """
     global _current
-    name = _validate(name)
+    name = validate_backend(name)
     require(name)
     _current = name
 

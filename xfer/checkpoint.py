@@ -26,11 +26,11 @@ import json
 import os
 import re
 import secrets
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 from xfer._adapter import find_adapter
+from xfer._config import label
 from xfer.files import CorruptFile, verify_digest, write_json
 from xfer.policy import BNPolicy
 from xfer.state import export_state, import_state
@@ -55,10 +55,7 @@ class CheckpointError(ValueError):
 
 def backend_id(model: Any) -> str:
     """The model's backend as the tests and the CLI name it: ``keras-jax``, not ``keras``."""
-    name = find_adapter(model).name
-    if name == "keras" and "keras" in sys.modules:
-        return f"keras-{sys.modules['keras'].backend.backend()}"
-    return name
+    return label(find_adapter(model).name)
 
 
 def stage_config(stage: Any) -> dict[str, Any]:

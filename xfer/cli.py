@@ -55,7 +55,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         failures += sum(bool(r.changed) for r in results)
         report[backend] = [dataclasses.asdict(r) for r in results]
         if args.format == "text":
-            engine = f"{backend}/{_keras_engine()}" if backend == "keras" else backend
+            engine = f"{backend}/{_config.keras_engine()}" if backend == "keras" else backend
             print(demo.format_table(engine, _version(backend) or "?", results), end="\n\n")
             if backend == backends[-1]:
                 summary(model)
@@ -87,10 +87,6 @@ def cmd_semantics(args: argparse.Namespace) -> int:
 
 def _backends(args: argparse.Namespace) -> list[str]:
     return args.backend or [b for b in _config.BACKENDS if not _config.missing(b)]
-
-
-def _label(backend: str) -> str:
-    return f"keras-{_keras_engine()}" if backend == "keras" else backend
 
 
 _ORIGIN = {
@@ -176,7 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if progress is not None:
             progress.close()
     report = dataclasses.asdict(result)
-    report.update(backend=_label(backend), version=_version(backend))
+    report.update(backend=_config.label(backend), version=_version(backend))
     print(json.dumps(report) if args.format == "json" else run_text(report))
     return 0 if result.history.ok else 1
 
@@ -201,7 +197,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         print(f"xfer pretrain: cannot write --out {args.out}: {_one_line(error)}", file=sys.stderr)
         return 1
     report = {
-        "backend": _label(backend),
+        "backend": _config.label(backend),
         "seed": args.seed,
         "out": args.out,
         "digest": digest,
@@ -211,7 +207,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         print(json.dumps(report))
     else:
         print(
-            f"xfer pretrain: {_label(backend)}, seed {args.seed}: source validation accuracy "
+            f"xfer pretrain: {_config.label(backend)}, seed {args.seed}: source validation accuracy "
             f"{accuracy:.3f}\nwrote {args.out} ({digest}); use it with "
             f"`xfer run --weights {args.out}`"
         )
@@ -239,10 +235,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         histories = {}
         for backend in backends:
             history, _ = run.transfer(backend, start, progress=progress, **options)
-            histories[_label(backend)] = history
+            histories[_config.label(backend)] = history
         if "keras" in backends:
             # Keras reads KERAS_BACKEND once per process: its other engine runs in a subprocess.
-            other = "torch" if _keras_engine() == "jax" else "jax"
+            other = _config.other_keras_engine()
             if _config.is_installed(other):
                 if progress is not None:
                     progress(f"keras-{other} (in a subprocess: one Keras engine per process)")
@@ -326,12 +322,6 @@ def _progress(args: argparse.Namespace) -> _Progress | None:
     if args.quiet or args.format != "text" or not sys.stderr.isatty():
         return None
     return _Progress()
-
-
-def _keras_engine() -> str:
-    from xfer.backends.keras_semantics import engine  # framework code stays in backends/
-
-    return engine()
 
 
 class _Parser(argparse.ArgumentParser):

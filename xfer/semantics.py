@@ -177,7 +177,7 @@ def measure(
     """
     wanted = list(backends) if backends else list(_config.BACKENDS)
     for name in wanted:
-        _config._validate(name)
+        _config.validate_backend(name)
     columns, notes = [], []
     for backend in wanted:
         if _config.missing(backend):
@@ -185,14 +185,12 @@ def measure(
             continue
         _config.require(backend)
         module = importlib.import_module(f"xfer.backends.{backend}_semantics")
-        name = backend
-        if backend == "keras":
-            name = f"keras-{module.engine()}"
+        name = _config.label(backend)
         if progress is not None:
             progress(f"probing {name}")
         columns.append(_column(name, {"versions": module.versions(), "cells": module.probe()}))
         if backend == "keras" and other_keras_engine:
-            other = "torch" if module.engine() == "jax" else "jax"
+            other = _config.other_keras_engine()
             if not _config.is_installed(other):
                 notes.append(f"keras-{other}: {other} is not installed, left out")
                 continue
