@@ -8,14 +8,12 @@ tests Keras on one engine only.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 
 import pytest
 
 from xfer._config import REGISTRY, is_installed, keras_engine
 
-sys.path.insert(0, os.path.dirname(__file__))
 # Keras writes ~/.keras unless KERAS_HOME points elsewhere.
 os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="xfer-keras-home-"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

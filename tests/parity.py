@@ -234,8 +234,7 @@ def main(argv: list[str]) -> None:
     kit_id, out_path = argv
     if kit_id.startswith("keras-"):
         os.environ["KERAS_BACKEND"] = kit_id.removeprefix("keras-")
-    sys.path.insert(0, os.path.dirname(__file__))
-    from kits import load_kit
+    from kits import load_kit  # run as a script: its directory, tests/, is on sys.path
 
     np.savez(out_path, **run_checks(load_kit(kit_id)))
 
