@@ -81,7 +81,7 @@ def attach_head(
         ``xfer.TransferPipeline``.
 
     Example:
-        >>> import keras, xfer
+        >>> import keras, xfer                                  # doctest: +SKIP
         >>> from xfer import select as S
         >>> base = keras.applications.MobileNetV2(
         ...     weights="imagenet", include_top=False, input_shape=(160, 160, 3)
