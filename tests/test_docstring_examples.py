@@ -12,8 +12,11 @@ import pytest
 
 MODULES = [
     "xfer.data",
+    "xfer.data.batching",
+    "xfer.data.digits",
+    "xfer.data.fingerprint",
+    "xfer.data.stripes",
     "xfer.files",
-    "xfer.fingerprint",
     "xfer.interrupt",
     "xfer.report",
     "xfer.subprocesses",

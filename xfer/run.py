@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from xfer import datasets, models, presets
+from xfer import models, presets
 from xfer import select as S
 from xfer._adapter import load_adapter
+from xfer.data import digits
 from xfer.pipeline import History, Stage, TransferPipeline, evaluate
 from xfer.weights import export_weights, import_weights, load_weights
 
@@ -58,14 +59,14 @@ RESNET_UPSAMPLE = 2
 def _model(backend: str, seed: int, model: str = "small_cnn") -> Any:
     if model == "resnet18":
         return models.resnet(
-            18, datasets.TransferTask.num_classes, 1, width=RESNET_WIDTH, seed=seed, backend=backend
+            18, digits.TransferTask.num_classes, 1, width=RESNET_WIDTH, seed=seed, backend=backend
         )
     if model != "small_cnn":
         raise ValueError(f"Unknown model {model!r}: expected one of {', '.join(MODELS)}.")
     # No Dropout: each framework draws its own masks, and `xfer compare` must see the same
     # numbers on every backend.
     return models.small_cnn(
-        datasets.TransferTask.num_classes, 1, width=WIDTH, dropout=0.0, seed=seed, backend=backend
+        digits.TransferTask.num_classes, 1, width=WIDTH, dropout=0.0, seed=seed, backend=backend
     )
 
 
@@ -85,7 +86,7 @@ def pretrain(
         >>> xfer.save_weights(model, "source-seed1.safetensors")   # doctest: +SKIP
     """
     model = _model(backend, seed)
-    task = datasets.transfer_task(seed=seed)
+    task = digits.transfer_task(seed=seed)
     stage = Stage("pretrain", train=S.all(), bn="train", lr=3e-3, epochs=epochs)
     TransferPipeline(
         model, [stage], optimizer="adam", batch_size=32, seed=seed, progress=progress
@@ -100,9 +101,7 @@ def source_accuracy(backend: str, model: Any, seed: int = 0) -> float:
         >>> source_accuracy("torch", pretrain("torch"))       # doctest: +SKIP
         0.978
     """
-    _, accuracy = evaluate(
-        load_adapter(backend), model, datasets.transfer_task(seed=seed).source_val
-    )
+    _, accuracy = evaluate(load_adapter(backend), model, digits.transfer_task(seed=seed).source_val)
     return accuracy
 
 
@@ -238,7 +237,7 @@ def transfer_pipeline(
         >>> pipe, train, val = transfer_pipeline("torch", bn="adapt")   # doctest: +SKIP
         >>> pipe.check(train, val)                                       # doctest: +SKIP
     """
-    task = datasets.transfer_task(seed=seed)
+    task = digits.transfer_task(seed=seed)
     net = _model(backend, seed, model)
     # SGD with momentum: the frameworks' Adam differ in where epsilon goes (Keras adds it
     # before the bias correction), which fifty epochs turn into visibly different curves.
