@@ -137,15 +137,15 @@ def test_the_report_marks_the_divergence_in_markdown_and_on_the_plot(tmp_path):
 def test_a_perturbed_start_on_real_training_is_caught(kit):
     """The same backend twice, once from a start with the head scaled by 1.5: real training
     gives different numbers, and the check names that pair in the first stage."""
-    from xfer import run
+    from xfer import job
 
     backend = kit.id.partition("-")[0]
-    start = run.start_weights(backend, None, seed=0)
+    start = job.start_weights(backend, None, seed=0)
     perturbed = {k: v * 1.5 if k.startswith("head.") else v for k, v in start.items()}
     options = dict(preset="keras_guide", bn=None, seed=0, quick=True)
-    same, _ = run.transfer(backend, start, **options)
-    again, _ = run.transfer(backend, {k: np.array(v) for k, v in start.items()}, **options)
-    off, _ = run.transfer(backend, perturbed, **options)
+    same, _ = job.transfer(backend, start, **options)
+    again, _ = job.transfer(backend, {k: np.array(v) for k, v in start.items()}, **options)
+    off, _ = job.transfer(backend, perturbed, **options)
     assert report.check({"a": same, "b": again}).status == "agree"
     verdict = report.check({"a": same, "b-perturbed": off})
     assert verdict.exit_status == 1

@@ -123,7 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The main job: from the shipped source model (digits 0-4), transfer to shifted digits 5-9."""
     import dataclasses
 
-    from xfer import run
+    from xfer import job
 
     backend = args.backend or _config.get_backend()
     _config.require(backend)
@@ -139,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.weights:
         # Checked before any training, in one line: the usual mistake is another model's file.
         try:
-            run.pretrained(backend, args.seed, weights=args.weights)
+            job.pretrained(backend, args.seed, weights=args.weights)
         except (OSError, ValueError) as error:
             print(
                 f"xfer run: --weights {args.weights}: {_one_line(error)} Expected neutral "
@@ -149,7 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 2
     progress = _progress(args)
     try:
-        result = run.run(
+        result = job.run(
             backend,
             preset=args.preset,
             bn=args.bn,
@@ -179,18 +179,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """Pretrain the source model on digits 0-4 and write its neutral weights (for run --weights)."""
-    from xfer import run
+    from xfer import job
     from xfer.weights import save_weights
 
     backend = args.backend or _config.get_backend()
     _config.require(backend)
     progress = _progress(args)
     try:
-        model = run.pretrain(backend, args.seed, progress)
+        model = job.pretrain(backend, args.seed, progress)
     finally:
         if progress is not None:
             progress.close()
-    accuracy = run.source_accuracy(backend, model, args.seed)
+    accuracy = job.source_accuracy(backend, model, args.seed)
     try:
         digest = save_weights(model, args.out)  # atomic: no partial file on failure
     except OSError as error:
@@ -217,34 +217,22 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     """The same run on every installed backend, from the same weights and batches; a check:
     exits 1 when two backends differ past --tolerance."""
-    from xfer import report, run
+    from xfer import job, report
 
     backends = _backends(args)
     for backend in backends:
         _config.require(backend)
     progress = _progress(args)
     try:
-        if args.model == "small_cnn":
-            weights, _ = run.pretrained(backends[0], args.seed, progress, args.quick)
-        else:
-            weights = None  # see run.MODELS: the ResNet starts from fresh seeded weights
-        start = run.start_weights(backends[0], weights, args.seed, model=args.model)
-        options = dict(
-            preset=args.preset, bn=args.bn, seed=args.seed, quick=args.quick, model=args.model
+        histories = job.transfer_on_backends(
+            backends,
+            preset=args.preset,
+            bn=args.bn,
+            seed=args.seed,
+            quick=args.quick,
+            model=args.model,
+            progress=progress,
         )
-        histories = {}
-        for backend in backends:
-            history, _ = run.transfer(backend, start, progress=progress, **options)
-            histories[_config.label(backend)] = history
-        if "keras" in backends:
-            # Keras reads KERAS_BACKEND once per process: its other engine runs in a subprocess.
-            other = _config.other_keras_engine()
-            if _config.is_installed(other):
-                if progress is not None:
-                    progress(f"keras-{other} (in a subprocess: one Keras engine per process)")
-                histories[f"keras-{other}"] = run.transfer_on_other_keras_engine(
-                    other, start, **options
-                )
         verdict = report.check(histories, args.tolerance, args.accuracy_tolerance)
     except (RuntimeError, ValueError) as error:
         # One line, not a traceback: what failed is in the message.
@@ -424,8 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--out", default="xfer-report", help="directory for report.md and loss_curves.png"
             )
+            from xfer.job import MODELS
             from xfer.report import DEFAULT_ACCURACY_TOLERANCE, DEFAULT_TOLERANCE, FLOOR
-            from xfer.run import MODELS
 
             sub.add_argument(
                 "--tolerance",

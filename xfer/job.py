@@ -1,4 +1,6 @@
-"""The main job: pretrain on the source digits, transfer to the shifted target digits.
+"""The main job as a library: pretrain on the source digits, transfer to the shifted target
+digits, on one backend (:func:`run`, what ``xfer run`` prints) or the same transfer on several
+(:func:`transfer_on_backends`, what ``xfer compare`` checks with :mod:`xfer.compare`).
 
 The pretrained source model of the default task ships as *neutral* weights
 (``xfer/_data/``), so every backend on every machine transfers from the very same numbers
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import inspect
 import json
 import os
 import tempfile
@@ -18,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from xfer import models, presets
+from xfer import _config, models, presets
 from xfer import select as S
 from xfer._adapter import load_adapter
 from xfer.data import digits
@@ -56,7 +59,15 @@ RESNET_WIDTH = 4
 RESNET_UPSAMPLE = 2
 
 
-def _model(backend: str, seed: int, model: str = "small_cnn") -> Any:
+def build_model(backend: str, seed: int, model: str = "small_cnn") -> Any:
+    """A fresh ``model`` (one of :data:`MODELS`) for the digits task on ``backend``, its
+    weights initialised from ``seed``.
+
+    Example:
+        >>> net = build_model("torch", seed=0)
+        >>> export_weights(net)["base.block1.conv.kernel"].shape
+        (3, 3, 1, 16)
+    """
     if model == "resnet18":
         return models.resnet(
             18, digits.TransferTask.num_classes, 1, width=RESNET_WIDTH, seed=seed, backend=backend
@@ -85,7 +96,7 @@ def pretrain(
         >>> model = pretrain("torch", seed=1)                 # doctest: +SKIP
         >>> xfer.save_weights(model, "source-seed1.safetensors")   # doctest: +SKIP
     """
-    model = _model(backend, seed)
+    model = build_model(backend, seed)
     task = digits.transfer_task(seed=seed)
     stage = Stage("pretrain", train=S.all(), bn="train", lr=3e-3, epochs=epochs)
     TransferPipeline(
@@ -143,7 +154,7 @@ def pretrained(
     if weights is None:
         model = pretrain(backend, seed, progress, epochs=1 if quick else PRETRAIN_EPOCHS)
         return export_weights(model), "pretrained"
-    model = _model(backend, seed)
+    model = build_model(backend, seed)
     load_weights(model, weights)
     return export_weights(model), origin
 
@@ -210,7 +221,7 @@ def start_weights(
         >>> start = start_weights("torch", weights)          # doctest: +SKIP
         >>> fresh = start_weights("torch", None, model="resnet18")   # doctest: +SKIP
     """
-    start = export_weights(_model(backend, seed + 1, model))
+    start = export_weights(build_model(backend, seed + 1, model))
     if pretrained_weights is not None:
         start.update({k: v for k, v in pretrained_weights.items() if k.startswith("base.")})
         start.update(zero_head(start))  # not the backend's own initialiser
@@ -238,7 +249,7 @@ def transfer_pipeline(
         >>> pipe.check(train, val)                                       # doctest: +SKIP
     """
     task = digits.transfer_task(seed=seed)
-    net = _model(backend, seed, model)
+    net = build_model(backend, seed, model)
     # SGD with momentum: the frameworks' Adam differ in where epsilon goes (Keras adds it
     # before the bias correction), which fifty epochs turn into visibly different curves.
     pipe = TransferPipeline(
@@ -293,9 +304,9 @@ def transfer_on_other_keras_engine(
     code = (
         "import json, sys\n"
         "from safetensors.numpy import load_file\n"
-        "from xfer import run\n"
+        "from xfer import job\n"
         "from xfer.subprocesses import answer\n"
-        "history, _ = run.transfer('keras', load_file(sys.argv[1]), **json.loads(sys.argv[2]))\n"
+        "history, _ = job.transfer('keras', load_file(sys.argv[1]), **json.loads(sys.argv[2]))\n"
         "answer(history.to_dict())\n"
     )
     options = dict(preset=preset, bn=bn, seed=seed, quick=quick, model=model)
@@ -311,46 +322,100 @@ def transfer_on_other_keras_engine(
     return History.from_dict(done)
 
 
-def run(
-    backend: str,
+def transfer_on_backends(
+    backends: list[str],
     *,
     preset: str = "keras_guide",
     bn: str | None = None,
     seed: int = 0,
-    progress: Callable[[str], None] | None = None,
     quick: bool = False,
-    checkpoint_dir: str | None = None,
+    model: str = "small_cnn",
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, History]:
+    """The same transfer on each of ``backends``, from the same start weights and data
+    order: what ``xfer compare`` checks (:func:`xfer.compare.check`). The start is built
+    once on the first backend (``model="small_cnn"``: its pretrained source model; the
+    ResNet: fresh seeded weights, see :data:`MODELS`); when Keras is among ``backends`` and
+    its other engine is installed, that engine runs too, in a subprocess.
+
+    Args:
+        backends: the frameworks, the first one being everyone's reference.
+        preset, bn, seed, quick, model: as for :func:`transfer_pipeline`.
+        progress: called with a line (or an epoch's progress) as the runs go.
+
+    Returns:
+        Each run's history, by label (``torch``, ``keras-jax``...), in the order they ran.
+
+    Example:
+        >>> histories = transfer_on_backends(["torch", "flax"], quick=True)   # doctest: +SKIP
+        >>> list(histories)                                                  # doctest: +SKIP
+        ['torch', 'flax']
+    """
+    if model == "small_cnn":
+        weights, _ = pretrained(backends[0], seed, progress, quick)
+    else:
+        weights = None  # see MODELS: the ResNet starts from fresh seeded weights
+    start = start_weights(backends[0], weights, seed, model=model)
+    options = dict(preset=preset, bn=bn, seed=seed, quick=quick, model=model)
+    histories = {}
+    for backend in backends:
+        history, _ = transfer(backend, start, progress=progress, **options)
+        histories[_config.label(backend)] = history
+    if "keras" in backends:
+        # Keras reads KERAS_BACKEND once per process: its other engine runs in a subprocess.
+        other = _config.other_keras_engine()
+        if _config.is_installed(other):
+            label = next(f.label for f in _config.REGISTRY if f.keras_engine == other)
+            if progress is not None:
+                progress(f"{label} (in a subprocess: one Keras engine per process)")
+            histories[label] = transfer_on_other_keras_engine(other, start, **options)
+    return histories
+
+
+def run(
+    backend: str,
+    *,
     resume: bool = False,
-    cache: str = "auto",
-    device: str = "auto",
     weights_file: str | os.PathLike | None = None,
+    **options: Any,
 ) -> RunResult:
-    """Load the source model (shipped, ``weights`` file, or pretrained now for another
+    """Load the source model (shipped, ``weights_file``, or pretrained now for another
     seed: see :func:`pretrained`), then transfer. The main job.
+
+    Args:
+        backend: the framework to run on.
+        resume: continue the run saved in ``checkpoint_dir``.
+        weights_file: neutral weights of the source model to start from.
+        **options: those of :func:`transfer_pipeline` (``preset``, ``bn``, ``seed``,
+            ``progress``, ``quick``, ``checkpoint_dir``, ``cache``, ``device``), with its
+            defaults.
 
     Example:
         >>> result = run("torch", bn="adapt")                 # doctest: +SKIP
         >>> print(result.history)                             # doctest: +SKIP
     """
-    pipe, train, val = transfer_pipeline(
-        backend,
-        preset=preset,
-        bn=bn,
-        seed=seed,
-        progress=progress,
-        quick=quick,
-        checkpoint_dir=checkpoint_dir,
-        cache=cache,
-        device=device,
-    )
+    pipe, train, val = transfer_pipeline(backend, **options)
+    # The options with transfer_pipeline's defaults filled in: its signature is the one
+    # list of them (an unknown name was a TypeError above).
+    bound = inspect.signature(transfer_pipeline).bind(backend, **options)
+    bound.apply_defaults()
+    seed, quick = bound.arguments["seed"], bound.arguments["quick"]
+    if bound.arguments["model"] != "small_cnn":
+        raise ValueError(
+            f"run transfers the pretrained small_cnn, got model={bound.arguments['model']!r}: "
+            "transfer_on_backends (xfer compare --model) runs the other models."
+        )
     # Everything the transfer needs (device, checkpoint, stages) is checked before the
     # source model is loaded or pretrained.
     pipe.check(train, val, resume=resume)
-    weights, origin = pretrained(backend, seed, progress, quick, weights=weights_file)
-    source_model = _model(backend, seed)
+    weights, origin = pretrained(
+        backend, seed, bound.arguments["progress"], quick, weights=weights_file
+    )
+    source_model = build_model(backend, seed)
     import_weights(source_model, weights)
     accuracy = source_accuracy(backend, source_model, seed)
     import_weights(pipe.model, start_weights(backend, weights, seed))
     history = pipe.fit(train, val, resume=resume)
     path = {"shipped": str(shipped_path()), "file": os.fspath(weights_file or "")}.get(origin)
+    preset, bn = bound.arguments["preset"], bound.arguments["bn"]
     return RunResult(backend, preset, bn, origin, path, accuracy, history)
