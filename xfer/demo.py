@@ -5,6 +5,9 @@ domain in two stages (head on a frozen base pinned to inference; then everything
 low learning rate with BN ``"affine"``). Between stages only xfer calls change the model;
 the training itself is the framework's standard loop. After each stage the demo checks
 that every tensor xfer promised to keep is bit-identical.
+
+This is the demo *job* (a library function, :func:`run`); the ``xfer demo`` command that
+prints it is :mod:`xfer.cli.demo`, its data :mod:`xfer.data.stripes`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from typing import Any
 import xfer
 from xfer import select as S
 from xfer._adapter import load_adapter
-from xfer._table import table
 from xfer.data.stripes import NUM_CLASSES, stripes_task
 
 
@@ -85,33 +87,3 @@ def run(
         stage("finetune", "everything; BN statistics frozen", target_x, target_y, 10, 1e-3)
     )
     return results, model
-
-
-def format_table(backend: str, version: str, results: list[StageResult]) -> str:
-    header = (
-        "stage",
-        "what trains",
-        "BN",
-        "loss",
-        "target acc",
-        "trainable",
-        "frozen",
-        "kept bit-identical",
-        "s",
-    )
-    rows = [
-        (
-            r.stage,
-            r.trains,
-            r.bn,
-            f"{r.loss:.3f}",
-            f"{r.accuracy:.3f}",
-            f"{r.n_trainable:,}",
-            f"{r.n_frozen:,}",
-            f"{r.kept - len(r.changed)}/{r.kept}"
-            + (f" CHANGED: {', '.join(r.changed[:3])}" if r.changed else ""),
-            f"{r.seconds:.1f}",
-        )
-        for r in results
-    ]
-    return f"{backend} ({version})\n{table(header, rows)}"
