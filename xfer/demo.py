@@ -43,8 +43,8 @@ def run(
     """Run the three stages on ``backend``; return the per-stage results and the model.
 
     Example:
-        >>> results, model = run("torch")                  # doctest: +SKIP
-        >>> [r.changed for r in results]                   # doctest: +SKIP
+        >>> results, model = run("torch")
+        >>> [r.changed for r in results]
         [[], [], []]
     """
     adapter = load_adapter(backend)

@@ -93,8 +93,9 @@ def pretrain(
     BN trained, data order from ``seed``. Takes seconds on a CPU.
 
     Example:
-        >>> model = pretrain("torch", seed=1)                 # doctest: +SKIP
-        >>> xfer.save_weights(model, "source-seed1.safetensors")   # doctest: +SKIP
+        >>> model = pretrain("torch", seed=1, epochs=1)
+        >>> round(source_accuracy("torch", model, seed=1), 1) > 0.2   # better than chance
+        True
     """
     model = build_model(backend, seed)
     task = digits.transfer_task(seed=seed)
@@ -109,7 +110,9 @@ def source_accuracy(backend: str, model: Any, seed: int = 0) -> float:
     """Accuracy of the source model on the source validation digits.
 
     Example:
-        >>> source_accuracy("torch", pretrain("torch"))       # doctest: +SKIP
+        >>> model = build_model("torch", seed=0)
+        >>> load_weights(model, shipped_path())
+        >>> round(source_accuracy("torch", model), 3)
         0.978
     """
     _, accuracy = evaluate(load_adapter(backend), model, digits.transfer_task(seed=seed).source_val)
@@ -218,8 +221,11 @@ def start_weights(
     (seeded), as for ``model="resnet18"``.
 
     Example:
-        >>> start = start_weights("torch", weights)          # doctest: +SKIP
-        >>> fresh = start_weights("torch", None, model="resnet18")   # doctest: +SKIP
+        >>> weights, _ = pretrained("torch")
+        >>> start = start_weights("torch", weights)
+        >>> float(abs(start["head.dense.kernel"]).max())   # the head starts at zero
+        0.0
+        >>> fresh = start_weights("torch", None, model="resnet18")
     """
     start = export_weights(build_model(backend, seed + 1, model))
     if pretrained_weights is not None:
@@ -245,8 +251,10 @@ def transfer_pipeline(
     ``backend``, one of :data:`MODELS`), with the training and validation data.
 
     Example:
-        >>> pipe, train, val = transfer_pipeline("torch", bn="adapt")   # doctest: +SKIP
-        >>> pipe.check(train, val)                                       # doctest: +SKIP
+        >>> pipe, train, val = transfer_pipeline("torch", bn="adapt")
+        >>> pipe.check(train, val)   # refuses, before any training, what would fail
+        >>> [(s.name, s.bn) for s in pipe.stages], train[0].shape
+        ([('head', 'adapt'), ('finetune', 'adapt')], (100, 8, 8, 1))
     """
     task = digits.transfer_task(seed=seed)
     net = build_model(backend, seed, model)
@@ -274,7 +282,10 @@ def transfer(
     :func:`transfer_pipeline`. Returns the history and the model.
 
     Example:
-        >>> history, model = transfer("torch", start, bn="adapt")   # doctest: +SKIP
+        >>> start = start_weights("torch", pretrained("torch")[0])
+        >>> history, model = transfer("torch", start, bn="adapt", quick=True)
+        >>> [len(s.epochs) for s in history.stages], history.ok
+        ([2, 2], True)
     """
     pipe, train, val = transfer_pipeline(backend, **options)
     import_weights(pipe.model, start)
@@ -347,9 +358,9 @@ def transfer_on_backends(
         Each run's history, by label (``torch``, ``keras-jax``...), in the order they ran.
 
     Example:
-        >>> histories = transfer_on_backends(["torch", "flax"], quick=True)   # doctest: +SKIP
-        >>> list(histories)                                                  # doctest: +SKIP
-        ['torch', 'flax']
+        >>> histories = transfer_on_backends(["torch"], quick=True)
+        >>> list(histories), histories["torch"].ok
+        (['torch'], True)
     """
     if model == "small_cnn":
         weights, _ = pretrained(backends[0], seed, progress, quick)
@@ -391,8 +402,14 @@ def run(
             defaults.
 
     Example:
-        >>> result = run("torch", bn="adapt")                 # doctest: +SKIP
-        >>> print(result.history)                             # doctest: +SKIP
+        >>> result = run("torch", bn="adapt", quick=True)
+        >>> result.source_weights, round(result.source_accuracy, 3)
+        ('shipped', 0.978)
+        >>> print(result.history)                             # doctest: +ELLIPSIS
+        torch on ...
+        stage     epochs  loss ...
+        head      2 ...
+        finetune  2 ...
     """
     pipe, train, val = transfer_pipeline(backend, **options)
     # The options with transfer_pipeline's defaults filled in: its signature is the one

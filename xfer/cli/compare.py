@@ -67,8 +67,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     a frozen tensor changed.
 
     Example:
+        >>> import tempfile
         >>> from xfer.cli import main
-        >>> main(["compare", "--backend", "torch", "--backend", "flax", "--quick"])   # doctest: +SKIP
+        >>> out = tempfile.mkdtemp()
+        >>> main(["compare", "--backend", "torch", "--backend", "flax", "--quick", "--out", out])
+        ... # doctest: +ELLIPSIS
+        stage     backend  loss    val loss  val acc  s/epoch  frozen kept  rel. diff vs torch
+        head      torch    ...
+        <BLANKLINE>
+        agree: torch, flax agree to within tolerance 0.0001: ...
+        report: .../report.md, .../loss_curves.png
         0
     """
     from xfer import job

@@ -32,7 +32,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     Example:
         >>> from xfer.cli import main
-        >>> main(["demo", "--backend", "torch", "--format", "json"])   # doctest: +SKIP
+        >>> main(["demo", "--backend", "torch", "--format", "json"])   # doctest: +ELLIPSIS
+        {"torch": [{"stage": "pretrain", ...}]}
         0
     """
     from xfer import demo

@@ -28,8 +28,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cannot be written.
 
     Example:
+        >>> import os, tempfile
         >>> from xfer.cli import main
-        >>> main(["pretrain", "--backend", "torch", "--out", "source.safetensors"])   # doctest: +SKIP
+        >>> out = os.path.join(tempfile.mkdtemp(), "source.safetensors")
+        >>> main(["pretrain", "--backend", "torch", "--out", out])   # doctest: +ELLIPSIS
+        xfer pretrain: torch, seed 0: source validation accuracy ...
+        wrote ... (sha256:...); use it with `xfer run --weights ...`
         0
     """
     from xfer import job

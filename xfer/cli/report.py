@@ -100,7 +100,13 @@ def write_compare_report(
     written. Returns the paths written.
 
     Example:
-        >>> write_compare_report(histories, "xfer-report", "compare")   # doctest: +SKIP
+        >>> import tempfile
+        >>> from xfer.pipeline import EpochRecord, History, StageRecord
+        >>> def run(loss):
+        ...     return History("x", [StageRecord("head", 1, 1, 0, [], [EpochRecord(1, loss, None, None, 0.0)])])
+        >>> written = write_compare_report({"torch": run(1.2), "flax": run(1.2)}, tempfile.mkdtemp(), "compare")
+        >>> written[0].name, written[0].read_text().splitlines()[2][:11]   # (and the plot, with matplotlib)
+        ('report.md', '**AGREE**: ')
     """
     verdict = verdict or check(histories)
     out = Path(directory)
@@ -135,8 +141,16 @@ def divergence_epoch(histories: dict[str, History], divergence: Divergence) -> i
     """The epoch of ``divergence`` counted over all stages (1-based), as on the plot's x axis.
 
     Example:
-        >>> divergence_epoch(histories, verdict.first)   # doctest: +SKIP
-        21
+        >>> from xfer.compare import check
+        >>> from xfer.pipeline import EpochRecord, History, StageRecord
+        >>> def stage(name, *losses):
+        ...     epochs = [EpochRecord(i, x, None, None, 0.0) for i, x in enumerate(losses, 1)]
+        ...     return StageRecord(name, 1, 1, 0, [], epochs)
+        >>> def run(finetune_loss):
+        ...     return History("x", [stage("head", 1.0, 0.9), stage("finetune", finetune_loss)])
+        >>> histories = {"torch": run(0.8), "flax": run(0.5)}
+        >>> divergence_epoch(histories, check(histories).first)   # finetune's epoch 1
+        3
     """
     history = histories[divergence.reference]
     before = 0

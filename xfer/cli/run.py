@@ -65,7 +65,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     Example:
         >>> from xfer.cli import main
-        >>> main(["run", "--backend", "torch", "--quick"])   # doctest: +SKIP
+        >>> main(["run", "--backend", "torch", "--quick"])   # doctest: +ELLIPSIS
+        xfer run: torch ..., preset keras_guide, BN policy of the preset
+        ...
         0
     """
     from xfer import job

@@ -26,7 +26,10 @@ def cmd_semantics(args: argparse.Namespace) -> int:
 
     Example:
         >>> from xfer.cli import main
-        >>> main(["semantics", "--backend", "torch", "--format", "json"])   # doctest: +SKIP
+        >>> main(["semantics", "--backend", "torch", "--format", "json"])   # doctest: +ELLIPSIS
+        {
+          "xfer": ...
+        }
         0
     """
     from xfer import semantics
