@@ -32,6 +32,7 @@ import tempfile
 import time
 
 from xfer._config import LABELS
+from xfer.cli.tables import table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKENDS = LABELS
@@ -112,24 +113,43 @@ def markdown(results: list[dict], command: str, seconds: float) -> str:
         "- CPUs kept busy by other processes during each backend's run (mean): "
         + ", ".join(f"{r['backend']} {r['other_cpus']}" for r in results),
         "",
-        "| backend | stage | native s | xfer s | speed-up (native/xfer) | target | "
-        "native peak MiB | xfer peak MiB | memory ratio (xfer/native) | time | memory | "
-        "xfer cache |",
-        "|---|---|--:|--:|--:|---|--:|--:|--:|---|---|---|",
     ]
+    header = (
+        "backend",
+        "stage",
+        "native s",
+        "xfer s",
+        "speed-up (native/xfer)",
+        "target",
+        "native peak MiB",
+        "xfer peak MiB",
+        "memory ratio (xfer/native)",
+        "time",
+        "memory",
+        "xfer cache",
+    )
+    rows = []
     for result in results:
         for row in result["stages"]:
             stage = "1 head (frozen base)" if row["stage"] == 1 else "2 fine-tune"
             target = ">= 3x" if row["stage"] == 1 else ">= 0.91x (<= 1.1x time)"
             ratio = f"{row['memory_ratio']:.2f}" if "memory_ratio" in row else "-"
-            lines.append(
-                f"| {result['backend']} | {stage} | {row['native_best_s']:.2f} | "
-                f"{row['xfer_best_s']:.2f} | {row['speedup']:.2f}x | {target} | "
-                f"{_mib(row, 'native_peak_mib')} | {_mib(row, 'xfer_peak_mib')} | {ratio} | "
-                f"{_met(row['time_met'])} | {_met(row.get('memory_met'))} | "
-                f"{row['cache'].split(':')[0]} |"
-            )
-    return "\n".join(lines) + "\n"
+            rows.append((
+                result["backend"],
+                stage,
+                f"{row['native_best_s']:.2f}",
+                f"{row['xfer_best_s']:.2f}",
+                f"{row['speedup']:.2f}x",
+                target,
+                _mib(row, "native_peak_mib"),
+                _mib(row, "xfer_peak_mib"),
+                ratio,
+                _met(row["time_met"]),
+                _met(row.get("memory_met")),
+                row["cache"].split(":")[0],
+            ))  # fmt: skip
+    numbers = {2, 3, 4, 6, 7, 8}
+    return "\n".join([*lines, table(header, rows, markdown=True, right=numbers)]) + "\n"
 
 
 def write_markdown(path: str, text: str) -> None:

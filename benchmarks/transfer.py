@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from xfer._config import LABELS
+from xfer.cli.tables import table
 
 BACKENDS = LABELS
 NUM_CLASSES = 10
@@ -802,9 +803,7 @@ def print_table(result: dict[str, Any]) -> None:
             "met" if row["time_met"] else "MISSED",
             ("met" if row["memory_met"] else "MISSED") if has_memory else "-",
         ))  # fmt: skip
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for line in [header, *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+    print(table(header, rows))
 
 
 def warm_up(bench, models: list, x, y, args) -> None:

@@ -19,7 +19,9 @@ import json
 import re
 from pathlib import Path
 
-from xfer import cli
+from xfer.cli import main as xfer_main
+from xfer.cli.run import run_text
+from xfer.cli.tables import table
 from xfer.files import write_text
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -38,7 +40,7 @@ def xfer_run(*options: str) -> dict:
     it (through the CLI's ``main``); nothing is cached between runs, so each is fresh."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        status = cli.main(["run", "--backend", "torch", "--format", "json", "--quiet", *options])
+        status = xfer_main(["run", "--backend", "torch", "--format", "json", "--quiet", *options])
     if status != 0:
         raise SystemExit(f"xfer run {' '.join(options)} exited {status}")
     return json.loads(out.getvalue().strip().splitlines()[-1])
@@ -49,17 +51,15 @@ def final_accuracy(report: dict) -> float:
 
 
 def bn_table() -> str:
-    lines = [
-        "| `--bn` | " + " | ".join(f"seed {s}" for s in SEEDS) + " | what happens |",
-        "|---|" + "---|" * len(SEEDS) + "---|",
-    ]
+    header = ("`--bn`", *(f"seed {s}" for s in SEEDS), "what happens")
+    rows = []
     for bn, (label, prose) in POLICIES.items():
         accuracies = [
             final_accuracy(xfer_run(*(["--bn", bn] if bn else []), "--seed", str(seed)))
             for seed in SEEDS
         ]
-        lines.append(f"| {label} | " + " | ".join(f"{a:.3f}" for a in accuracies) + f" | {prose} |")
-    return "\n".join(lines)
+        rows.append((label, *(f"{a:.3f}" for a in accuracies), prose))
+    return table(header, rows, markdown=True)
 
 
 def replace_block(text: str, name: str, body: str) -> str:
@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="also the BN-policy table (15 runs)")
     args = parser.parse_args()
     text = README.read_text()
-    block = f"```text\n$ xfer run --backend torch\n{cli.run_text(xfer_run())}\n```"
+    block = f"```text\n$ xfer run --backend torch\n{run_text(xfer_run())}\n```"
     text = replace_block(text, "run", block)
     if args.table:
         text = replace_block(text, "bn-table", bn_table())

@@ -18,7 +18,7 @@ import xfer
 from kits import data
 from xfer import select as S
 from xfer.checkpoint import MANIFEST, CheckpointError, read_checkpoint
-from xfer.fingerprint import data_fingerprint
+from xfer.data import data_fingerprint
 from xfer.pipeline import Interrupted
 
 TRAIN, VAL = data(32), data(16, seed=1)

@@ -29,12 +29,12 @@ def test_progress_draws_a_bar_per_stage_and_lines_for_the_rest(monkeypatch):
     import io
     import sys
 
-    from xfer.cli import _Progress
+    from xfer.cli.progress import TerminalProgress
     from xfer.pipeline import EpochProgress
 
     err = io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)
-    progress = _Progress()
+    progress = TerminalProgress()
     for epoch in (1, 2, 3):
         progress(EpochProgress("head", epoch, 3))
     progress("probing torch")

@@ -1,5 +1,5 @@
-"""The agreement check of ``xfer compare`` (xfer.report), on hand-built histories and on
-real training runs of the session's backend."""
+"""The agreement check of ``xfer compare`` (xfer.compare) and its report (xfer.cli.report),
+on hand-built histories and on real training runs of the session's backend."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from xfer import report
+from xfer import compare
+from xfer.cli import report
 from xfer.pipeline import EpochRecord, History, StageRecord
 
 
@@ -31,7 +32,7 @@ AGREEING = {
 
 
 def test_backends_within_tolerance_agree_and_the_largest_difference_is_named():
-    verdict = report.check(AGREEING)
+    verdict = compare.check(AGREEING)
     assert verdict.status == "agree" and verdict.exit_status == 0 and verdict.first is None
     assert verdict.largest.pair == "keras-jax vs torch"
     assert verdict.largest.stage == "head" and verdict.largest.epoch == 1
@@ -42,7 +43,7 @@ def test_backends_within_tolerance_agree_and_the_largest_difference_is_named():
 
 def test_one_backend_off_is_named_with_its_stage_epoch_and_values_and_exits_1():
     off = {**AGREEING, "keras-torch": _history("keras-torch", [1.6, 38.46], [1.3, 1.2])}
-    verdict = report.check(off)
+    verdict = compare.check(off)
     assert verdict.status == "diverged" and verdict.exit_status == 1
     first = verdict.first
     assert (first.pair, first.stage, first.epoch, first.metric) == (
@@ -66,8 +67,8 @@ def test_one_backend_off_is_named_with_its_stage_epoch_and_values_and_exits_1():
 
 def test_a_real_disagreement_of_8e_2_is_caught_and_a_looser_tolerance_lets_it_pass():
     off = {**AGREEING, "flax": _history("flax", [1.6, 1.4], [1.3 * 1.08, 1.2])}
-    assert report.check(off).first.stage == "finetune"
-    assert report.check(off, tolerance=0.1).status == "agree"
+    assert compare.check(off).first.stage == "finetune"
+    assert compare.check(off, tolerance=0.1).status == "agree"
 
 
 def test_the_first_divergence_in_training_order_wins_over_the_largest():
@@ -75,7 +76,7 @@ def test_the_first_divergence_in_training_order_wins_over_the_largest():
         "torch": _history("torch", [1.6, 1.4], [1.3, 1.2]),
         "flax": _history("flax", [1.6, 1.4 * 1.01], [1.3, 1.2 * 2]),
     }
-    verdict = report.check(off)
+    verdict = compare.check(off)
     assert (verdict.first.stage, verdict.first.epoch) == ("head", 2)
     assert (verdict.largest.stage, verdict.largest.epoch) == ("finetune", 2)
 
@@ -85,20 +86,20 @@ def test_validation_accuracy_counts_and_near_zero_values_compare_against_the_flo
         "torch": _history("torch", [1.6, 1.4], [1.3, 1.2], acc=0.5),
         "flax": _history("flax", [1.6, 1.4], [1.3, 1.2], acc=0.51),
     }
-    first = report.check(off).first
+    first = compare.check(off).first
     assert (first.stage, first.metric, first.epoch) == ("head", "val acc", 2)
-    assert report.relative_difference(0.0, 5e-7) == pytest.approx(5e-5)  # tiny: not a ratio of 1
-    assert report.relative_difference(0.0, 2e-6) > report.DEFAULT_TOLERANCE
+    assert compare.relative_difference(0.0, 5e-7) == pytest.approx(5e-5)  # tiny: not a ratio of 1
+    assert compare.relative_difference(0.0, 2e-6) > compare.DEFAULT_TOLERANCE
 
 
 def test_a_nan_never_passes_as_agreement():
-    assert report.relative_difference(math.nan, 1.0) == math.inf
+    assert compare.relative_difference(math.nan, 1.0) == math.inf
     off = {**AGREEING, "flax": _history("flax", [1.6, math.nan], [1.3, 1.2])}
-    assert report.check(off).first.pair == "flax vs torch"
+    assert compare.check(off).first.pair == "flax vs torch"
 
 
 def test_one_backend_is_nothing_to_compare_and_exits_0():
-    verdict = report.check({"torch": AGREEING["torch"]})
+    verdict = compare.check({"torch": AGREEING["torch"]})
     assert verdict.status == "nothing to compare" and verdict.exit_status == 0
     assert verdict.largest is None and "nothing to compare" in verdict.summary()
 
@@ -106,24 +107,24 @@ def test_one_backend_is_nothing_to_compare_and_exits_0():
 def test_histories_of_different_runs_and_bad_tolerances_are_refused_by_name():
     short = _history("flax", [1.6], [1.3, 1.2])
     with pytest.raises(ValueError, match=r"flax and torch did not run the same .*head x1"):
-        report.check({"torch": AGREEING["torch"], "flax": short})
+        compare.check({"torch": AGREEING["torch"], "flax": short})
     for bad in (-1e-4, math.nan, math.inf):
         with pytest.raises(ValueError, match="finite number >= 0"):
-            report.check(AGREEING, tolerance=bad)
+            compare.check(AGREEING, tolerance=bad)
 
 
 def test_final_metrics_are_per_backend_and_stage():
-    metrics = report.final_metrics(AGREEING)
+    metrics = compare.final_metrics(AGREEING)
     assert metrics["torch"]["finetune"] == {"loss": 1.2, "val_loss": 1.3, "val_accuracy": 0.5}
     assert set(metrics) == set(AGREEING)
 
 
 def test_the_report_marks_the_divergence_in_markdown_and_on_the_plot(tmp_path):
     off = {**AGREEING, "keras-torch": _history("keras-torch", [1.6, 38.46], [1.3, 1.2])}
-    written = report.write_compare_report(off, tmp_path, "compare", report.check(off))
+    written = report.write_compare_report(off, tmp_path, "compare", compare.check(off))
     text = (tmp_path / "report.md").read_text()
     assert "**DIVERGED**: keras-torch vs torch diverged in stage 'head', epoch 2" in text
-    assert report.divergence_epoch(off, report.check(off).first) == 2
+    assert report.divergence_epoch(off, compare.check(off).first) == 2
     plot = tmp_path / "loss_curves.png"
     if plot in written:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -137,17 +138,17 @@ def test_the_report_marks_the_divergence_in_markdown_and_on_the_plot(tmp_path):
 def test_a_perturbed_start_on_real_training_is_caught(kit):
     """The same backend twice, once from a start with the head scaled by 1.5: real training
     gives different numbers, and the check names that pair in the first stage."""
-    from xfer import run
+    from xfer import job
 
     backend = kit.id.partition("-")[0]
-    start = run.start_weights(backend, None, seed=0)
+    start = job.start_weights(backend, None, seed=0)
     perturbed = {k: v * 1.5 if k.startswith("head.") else v for k, v in start.items()}
     options = dict(preset="keras_guide", bn=None, seed=0, quick=True)
-    same, _ = run.transfer(backend, start, **options)
-    again, _ = run.transfer(backend, {k: np.array(v) for k, v in start.items()}, **options)
-    off, _ = run.transfer(backend, perturbed, **options)
-    assert report.check({"a": same, "b": again}).status == "agree"
-    verdict = report.check({"a": same, "b-perturbed": off})
+    same, _ = job.transfer(backend, start, **options)
+    again, _ = job.transfer(backend, {k: np.array(v) for k, v in start.items()}, **options)
+    off, _ = job.transfer(backend, perturbed, **options)
+    assert compare.check({"a": same, "b": again}).status == "agree"
+    verdict = compare.check({"a": same, "b-perturbed": off})
     assert verdict.exit_status == 1
     assert (verdict.first.pair, verdict.first.stage, verdict.first.epoch) == (
         "b-perturbed vs a",
@@ -165,15 +166,15 @@ def test_accuracies_are_compared_in_absolute_terms_against_their_own_tolerance()
         "torch": _history("torch", [1.6, 1.4], [1.3, 1.2], acc=0.6872),
         "flax": _history("flax", [1.6, 1.4], [1.3, 1.2], acc=0.6897),
     }
-    verdict = report.check(near)
+    verdict = compare.check(near)
     assert verdict.status == "agree", verdict.summary()
     assert verdict.largest_accuracy_gap.absolute == pytest.approx(0.0025)
     assert "accuracies within 0.0025" in verdict.summary()
     far = {**near, "flax": _history("flax", [1.6, 1.4], [1.3, 1.2], acc=0.7072)}
-    verdict = report.check(far)
+    verdict = compare.check(far)
     assert verdict.status == "diverged" and verdict.first.metric == "val acc"
     assert "(apart 0.02 > accuracy tolerance 0.005)" in verdict.summary()
-    assert report.check(far, accuracy_tolerance=0.05).status == "agree"
+    assert compare.check(far, accuracy_tolerance=0.05).status == "agree"
     assert verdict.to_dict()["accuracy_tolerance"] == 0.005
     with pytest.raises(ValueError, match="accuracy_tolerance must be a finite number >= 0"):
-        report.check(near, accuracy_tolerance=-1)
+        compare.check(near, accuracy_tolerance=-1)

@@ -7,31 +7,30 @@ import json
 import numpy as np
 import pytest
 
-from xfer import datasets, presets
+from xfer import presets
 from xfer import select as S
 from xfer.cli import main
+from xfer.data import digits
 
 
 def test_the_embedded_digits_ship_with_the_package():
-    x, y = datasets.digits()
+    x, y = digits.digits()
     assert x.shape == (1797, 8, 8, 1) and x.dtype == np.float32
     assert 0.0 <= x.min() and x.max() <= 1.0
     assert np.bincount(y).tolist()[:3] == [178, 182, 177]
 
 
 def test_the_transfer_task_has_new_classes_a_domain_shift_and_few_labels():
-    task = datasets.transfer_task(target_per_class=20, seed=0)
+    task = digits.transfer_task(target_per_class=20, seed=0)
     (sx, sy), (tx, ty) = task.source_train, task.target_train
     assert set(sy.tolist()) == set(ty.tolist()) == {0, 1, 2, 3, 4}
     assert len(tx) == 100 and np.bincount(ty).tolist() == [20] * 5
     assert sx.mean() < 0.35 < tx.mean()  # ink inverted: the target is mostly bright
-    assert len(task.target_val[0]) == 5 * 180 - 100 + sum(
-        np.bincount(datasets.digits()[1])[5:] - 180
-    )
-    again = datasets.transfer_task(target_per_class=20, seed=0)
+    assert len(task.target_val[0]) == 5 * 180 - 100 + sum(np.bincount(digits.digits()[1])[5:] - 180)
+    again = digits.transfer_task(target_per_class=20, seed=0)
     np.testing.assert_array_equal(again.target_train[0], tx)
     with pytest.raises(ValueError, match="target_per_class"):
-        datasets.transfer_task(target_per_class=0)
+        digits.transfer_task(target_per_class=0)
 
 
 def test_presets_build_the_recipes(kit):

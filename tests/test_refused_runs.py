@@ -210,11 +210,11 @@ def test_ctrl_c_without_a_checkpoint_is_a_keyboard_interrupt_at_a_step_boundary(
 def test_xfer_run_refuses_a_missing_gpu_before_pretraining(kit, monkeypatch, capsys):
     """--device cuda on a CPU machine was once found only after the source model had been
     pretrained (seed 1 pretrains); now the whole transfer is checked first."""
-    from xfer import run
+    from xfer import job
     from xfer.cli import main
 
     if (
-        run.transfer_pipeline(kit.id.partition("-")[0])[0].adapter.place(kit.model(), "auto")
+        job.transfer_pipeline(kit.id.partition("-")[0])[0].adapter.place(kit.model(), "auto")
         != "cpu"
     ):
         pytest.skip("this machine has a GPU")
@@ -222,7 +222,7 @@ def test_xfer_run_refuses_a_missing_gpu_before_pretraining(kit, monkeypatch, cap
     def pretrain(*args, **kwargs):
         raise AssertionError("pretrained before the device was checked")
 
-    monkeypatch.setattr(run, "pretrain", pretrain)
+    monkeypatch.setattr(job, "pretrain", pretrain)
     args = ["run", "--backend", kit.id.partition("-")[0], "--device", "cuda", "--seed", "1"]
     assert main([*args, "--quiet"]) == 2
     assert "device='cuda'" in capsys.readouterr().err

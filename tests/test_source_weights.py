@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from xfer import run
+from xfer import job
 from xfer.cli import main
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -22,23 +22,23 @@ def _backend(kit) -> str:
 
 
 def test_the_source_weights_ship_with_the_package_and_fit_every_backend(kit):
-    path = run.shipped_path()
+    path = job.shipped_path()
     assert path.is_file() and path.stat().st_size < 20_000  # a few KB, inside the package
-    weights, origin = run.pretrained(_backend(kit))
+    weights, origin = job.pretrained(_backend(kit))
     assert origin == "shipped"
     shipped = load_file(path)
     assert sorted(weights) == sorted(shipped)
     for name, array in shipped.items():
         np.testing.assert_array_equal(weights[name], array, err_msg=name)
-    model = run._model(_backend(kit), 0)
-    run.import_weights(model, weights)
+    model = job.build_model(_backend(kit), 0)
+    job.import_weights(model, weights)
     # The same weights on every backend: the same source accuracy (README: 0.978).
-    assert run.source_accuracy(_backend(kit), model) == pytest.approx(0.9779, abs=0.002)
+    assert job.source_accuracy(_backend(kit), model) == pytest.approx(0.9779, abs=0.002)
 
 
 def test_the_transfer_starts_from_the_shipped_base_and_a_zero_head_on_every_backend(kit):
-    weights, _ = run.pretrained(_backend(kit))
-    start = run.start_weights(_backend(kit), weights)
+    weights, _ = job.pretrained(_backend(kit))
+    start = job.start_weights(_backend(kit), weights)
     head = {k: v for k, v in start.items() if not k.startswith("base.")}
     assert sorted(head) == ["head.dense.bias", "head.dense.kernel"]
     assert head["head.dense.kernel"].shape == (16, 5)
@@ -56,7 +56,7 @@ def test_xfer_pretrain_remakes_the_source_model_and_run_uses_it(kit, tmp_path, c
     report = json.loads(capsys.readouterr().out)
     assert report["source_accuracy"] > 0.9  # 5 classes: chance is 0.2
     assert report["digest"].startswith("sha256:") and out.is_file()
-    remade, shipped = load_file(out), load_file(run.shipped_path())
+    remade, shipped = load_file(out), load_file(job.shipped_path())
     assert sorted(remade) == sorted(shipped)
     if kit.id == "torch":
         # The recipe of the shipped file. Bit-equal on the machine that made it; another
@@ -81,7 +81,7 @@ def test_xfer_run_refuses_weights_that_do_not_fit_in_one_line(kit, tmp_path, cap
     other = tmp_path / "width8.safetensors"
     save_weights(models.small_cnn(5, 1, width=8, dropout=0.0, backend=backend), other)
     truncated = tmp_path / "truncated.safetensors"
-    truncated.write_bytes(run.shipped_path().read_bytes()[:5000])
+    truncated.write_bytes(job.shipped_path().read_bytes()[:5000])
     for path, why in (
         (other, "shape mismatches"),
         (truncated, "not a safetensors file"),
@@ -166,7 +166,7 @@ def test_the_readme_bn_policy_table_is_what_fresh_runs_print(kit):
     )
     for policy, accuracies in table.items():
         for seed, readme in enumerate(accuracies):
-            history = run.run("torch", bn=policy, seed=seed).history
+            history = job.run("torch", bn=policy, seed=seed).history
             now = history.stages[-1].epochs[-1].val_accuracy
             assert now == pytest.approx(readme, abs=0.005), (
                 f"--bn {policy} --seed {seed}: README says {readme}, a fresh run gives "

@@ -96,7 +96,7 @@ def run_config(
     """What a checkpoint compares on resume: every stage's config and the pipeline's.
 
     ``backend`` is :func:`backend_id` of the model; ``data`` is
-    :func:`xfer.fingerprint.data_fingerprint` of the training data.
+    :func:`xfer.data.data_fingerprint` of the training data.
 
     Example:
         >>> config = run_config(stages, loss="sparse_categorical_crossentropy",

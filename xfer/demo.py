@@ -5,6 +5,9 @@ domain in two stages (head on a frozen base pinned to inference; then everything
 low learning rate with BN ``"affine"``). Between stages only xfer calls change the model;
 the training itself is the framework's standard loop. After each stage the demo checks
 that every tensor xfer promised to keep is bit-identical.
+
+This is the demo *job* (a library function, :func:`run`); the ``xfer demo`` command that
+prints it is :mod:`xfer.cli.demo`, its data :mod:`xfer.data.stripes`.
 """
 
 from __future__ import annotations
@@ -14,39 +17,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 import xfer
 from xfer import select as S
 from xfer._adapter import load_adapter
-from xfer._table import table
-
-NUM_CLASSES = 4
-SIZE = 12
-
-
-def stripes_task(n: int, domain: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Noisy images of stripes; the label is their direction (—, |, \\, /).
-
-    The ``"target"`` domain is inverted and re-contrasted per channel: the same task under
-    a real shift of the input statistics, which is what BN policies are about.
-
-    Example:
-        >>> x, y = stripes_task(8, "source", seed=0)
-        >>> x.shape, y.shape
-        ((8, 12, 12, 3), (8,))
-    """
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, NUM_CLASSES, size=n)
-    rows, cols = np.mgrid[0:SIZE, 0:SIZE]
-    # Direction of each class as a projection: rows, cols, rows+cols, rows-cols.
-    projections = np.stack([rows, cols, rows + cols, rows - cols])
-    phase = rng.integers(0, 4, size=n)
-    stripes = ((projections[y] + phase[:, None, None]) % 4 < 2).astype("float64")
-    x = stripes[..., None] + rng.normal(0.0, 1.2, size=(n, SIZE, SIZE, 3))
-    if domain == "target":
-        x = 2.0 - x * np.array([1.6, 0.4, 1.0])
-    return x.astype("float32"), y.astype("int64")
+from xfer.data.stripes import NUM_CLASSES, stripes_task
 
 
 @dataclasses.dataclass
@@ -69,8 +43,8 @@ def run(
     """Run the three stages on ``backend``; return the per-stage results and the model.
 
     Example:
-        >>> results, model = run("torch")                  # doctest: +SKIP
-        >>> [r.changed for r in results]                   # doctest: +SKIP
+        >>> results, model = run("torch")
+        >>> [r.changed for r in results]
         [[], [], []]
     """
     adapter = load_adapter(backend)
@@ -113,33 +87,3 @@ def run(
         stage("finetune", "everything; BN statistics frozen", target_x, target_y, 10, 1e-3)
     )
     return results, model
-
-
-def format_table(backend: str, version: str, results: list[StageResult]) -> str:
-    header = (
-        "stage",
-        "what trains",
-        "BN",
-        "loss",
-        "target acc",
-        "trainable",
-        "frozen",
-        "kept bit-identical",
-        "s",
-    )
-    rows = [
-        (
-            r.stage,
-            r.trains,
-            r.bn,
-            f"{r.loss:.3f}",
-            f"{r.accuracy:.3f}",
-            f"{r.n_trainable:,}",
-            f"{r.n_frozen:,}",
-            f"{r.kept - len(r.changed)}/{r.kept}"
-            + (f" CHANGED: {', '.join(r.changed[:3])}" if r.changed else ""),
-            f"{r.seconds:.1f}",
-        )
-        for r in results
-    ]
-    return f"{backend} ({version})\n{table(header, rows)}"

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from xfer import _config
+from xfer.cli.tables import table
 
 __all__ = ["ROWS", "Row", "measure", "run_probes", "to_json", "to_markdown", "to_text"]
 
@@ -286,12 +287,15 @@ def to_text(report: dict, width: int = 100) -> str:
     for column in report["columns"]:
         lines += ["", f"{column['label']}  [{column['id']}]"]
         cells = [column["cells"][r["id"]] for r in report["rows"]]
-        native = max(len(_native(c["native"])) for c in cells)
-        lines.append(f"  {'question':<{ids}}  {'native':<{native}}  xfer")
-        for row, cell in zip(report["rows"], cells, strict=True):
-            lines.append(
-                f"  {row['id']:<{ids}}  {_native(cell['native']):<{native}}  {_xfer(cell['xfer'])}"
-            )
+        rows = [
+            (row["id"], _native(cell["native"]), _xfer(cell["xfer"]))
+            for row, cell in zip(report["rows"], cells, strict=True)
+        ]
+        top, *aligned = table(("question", "native", "xfer"), rows).split("\n")
+        lines.append(f"  {top}")
+        for line, cell in zip(aligned, cells, strict=True):
+            # Each measurement's detail under its row.
+            lines.append(f"  {line}")
             lines += textwrap.wrap(
                 cell["detail"], width, initial_indent="      ", subsequent_indent="      "
             )
@@ -315,13 +319,14 @@ def to_markdown(report: dict) -> str:
     header = ["#", "question"]
     for column in columns:
         header += [column["label"], "xfer"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for i, row in enumerate(report["rows"], 1):
         cells = [str(i), f"{_md(row['question'])} `{row['id']}`"]
         for column in columns:
             cell = column["cells"][row["id"]]
             cells += [_md(_native(cell["native"])), _xfer(cell["xfer"], unicode=True)]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    lines = [table(header, rows, markdown=True)]
     lines += ["", "What the xfer columns measure (the same probe, run through xfer's API):", ""]
     for i, row in enumerate(report["rows"], 1):
         if row["guarantee"]:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from xfer._adapter import find_adapter
+from xfer.cli.tables import table
 from xfer.policy import BNPolicy
 
 
@@ -55,18 +56,9 @@ class Summary:
             (r.path, r.kind, r.trainable, r.mode, r.bn, f"{r.n_trainable:,}", f"{r.n_frozen:,}")
             for r in self.rows
         ]
-        widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-        numeric = {5, 6}
-
-        def fmt(line: tuple[str, ...]) -> str:
-            cells = [
-                c.rjust(w) if i in numeric else c.ljust(w)
-                for i, (c, w) in enumerate(zip(line, widths, strict=True))
-            ]
-            return "  ".join(cells).rstrip()
-
-        rule = "-" * len(fmt(header))
-        lines = [f"{self.model} ({self.backend})", fmt(header), rule, *map(fmt, body), rule]
+        top, *rows = table(header, body, right={5, 6}).split("\n")
+        rule = "-" * len(top)
+        lines = [f"{self.model} ({self.backend})", top, rule, *rows, rule]
         lines.append(
             f"total: {self.n_trainable:,} trainable, {self.n_frozen:,} frozen parameters "
             f"in {len(self.rows)} units"

@@ -1,7 +1,8 @@
-"""Tables, reports and the agreement check of ``xfer run`` and ``xfer compare``.
+"""The agreement check of ``xfer compare``: do the backends give the same numbers?
 
 ``xfer compare`` is a check, not only a table: the same stages, weights and batches must
-give the same numbers on every backend. Each compared value (per epoch: the training and the
+give the same numbers on every backend (:func:`xfer.job.transfer_on_backends` runs them;
+:mod:`xfer.cli.report` writes the report). Each compared value (per epoch: the training and the
 validation loss; at the end of each stage: also the validation accuracy) is compared between
 every pair of backends by its *relative* difference::
 
@@ -32,11 +33,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import os
-from pathlib import Path
 
-from xfer._table import table
-from xfer.files import write_atomic, write_text
 from xfer.pipeline import History
 
 DEFAULT_TOLERANCE = 1e-4
@@ -150,9 +147,12 @@ class Verdict:
         largest_accuracy_gap: the largest absolute difference of an accuracy, if any.
 
     Example:
-        >>> verdict = check(histories)                       # doctest: +SKIP
-        >>> verdict.exit_status, verdict.summary()           # doctest: +SKIP
-        (0, 'torch, keras-jax, flax agree to within tolerance 0.0001 (largest ...)')
+        >>> from xfer.pipeline import EpochRecord, History, StageRecord
+        >>> def run(loss):
+        ...     return History("x", [StageRecord("head", 1, 1, 0, [], [EpochRecord(1, loss, None, None, 0.0)])])
+        >>> verdict = check({"torch": run(1.224), "keras-jax": run(1.224001), "flax": run(1.224)})
+        >>> verdict.exit_status, verdict.summary()
+        (0, "torch, keras-jax, flax agree to within tolerance 0.0001: largest relative difference 8.2e-07 (keras-jax vs torch, stage 'head', epoch 1, loss)")
     """
 
     tolerance: float
@@ -239,8 +239,11 @@ def differences(histories: dict[str, History]) -> list[Divergence]:
             numbers cannot be compared at all).
 
     Example:
-        >>> [d.pair for d in differences(histories)][:1]    # doctest: +SKIP
-        ['keras-jax vs torch']
+        >>> from xfer.pipeline import EpochRecord, History, StageRecord
+        >>> def run(loss):
+        ...     return History("x", [StageRecord("head", 1, 1, 0, [], [EpochRecord(1, loss, None, None, 0.0)])])
+        >>> [d.pair for d in differences({"torch": run(1.2), "keras-jax": run(1.2), "flax": run(1.3)})]
+        ['keras-jax vs torch', 'flax vs torch', 'flax vs keras-jax']
     """
     names = list(histories)
     values = {name: compared_values(h) for name, h in histories.items()}
@@ -343,159 +346,3 @@ def final_metrics(histories: dict[str, History]) -> dict[str, dict[str, dict]]:
         }
         for backend, history in histories.items()
     }
-
-
-def compare_rows(
-    histories: dict[str, History], verdict: Verdict | None = None
-) -> list[tuple[str, ...]]:
-    """Per stage and backend: final loss, validation loss and accuracy, seconds per epoch,
-    frozen tensors kept, and the largest relative difference from the first backend in
-    that stage.
-
-    Example:
-        >>> from xfer.pipeline import EpochRecord, History, StageRecord
-        >>> stage = StageRecord("head", 10, 90, 4, [], [EpochRecord(1, 1.2, 1.3, 0.5, 0.25)])
-        >>> compare_rows({"torch": History("torch", [stage])})
-        [('head', 'torch', '1.2000', '1.3000', '0.500', '0.25', '4/4', '-')]
-    """
-    found = differences(histories)
-    names = list(histories)
-    rows = []
-    for index, name in enumerate(s.name for s in histories[names[0]].stages):
-        for backend, history in histories.items():
-            stage = history.stages[index]
-            last = stage.epochs[-1]
-            seconds = sum(e.seconds for e in stage.epochs) / len(stage.epochs)
-            apart = [
-                d.relative
-                for d in found
-                if d.stage == name
-                and d.reference == names[0]
-                and d.other == backend
-                and d.metric != ACCURACY
-            ]
-            rows.append((
-                name,
-                backend,
-                f"{last.loss:.4f}",
-                "" if last.val_loss is None else f"{last.val_loss:.4f}",
-                "" if last.val_accuracy is None else f"{last.val_accuracy:.3f}",
-                f"{seconds:.2f}",
-                f"{stage.kept - len(stage.changed)}/{stage.kept}",
-                f"{max(apart):.1e}" if apart else "-",
-            ))  # fmt: skip
-    return rows
-
-
-def compare_header(histories: dict[str, History]) -> tuple[str, ...]:
-    """The header of :func:`compare_rows`' table (the last column names the reference)."""
-    reference = next(iter(histories))
-    return (
-        "stage",
-        "backend",
-        "loss",
-        "val loss",
-        "val acc",
-        "s/epoch",
-        "frozen kept",
-        f"rel. diff vs {reference}",
-    )
-
-
-def write_compare_report(
-    histories: dict[str, History],
-    directory: str | os.PathLike,
-    title: str,
-    verdict: Verdict | None = None,
-) -> list[Path]:
-    """Write ``report.md`` and, when matplotlib is installed, ``loss_curves.png``, with the
-    verdict of :func:`check` (at the default tolerance unless ``verdict`` is given); a
-    divergence is marked in both.
-
-    Each file is written to a temporary name and renamed, so a report is never half
-    written. Returns the paths written.
-
-    Example:
-        >>> write_compare_report(histories, "xfer-report", "compare")   # doctest: +SKIP
-    """
-    verdict = verdict or check(histories)
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    plot = _plot(histories, out / "loss_curves.png", verdict)
-    mark = {"agree": "AGREE", "diverged": "DIVERGED", "nothing to compare": "ONE BACKEND"}
-    lines = [
-        f"# {title}",
-        "",
-        f"**{mark[verdict.status]}**: {verdict.summary()}.",
-        "",
-        table(compare_header(histories), compare_rows(histories), markdown=True),
-        "",
-        f"Compared on every pair of backends: each epoch's training and validation loss by "
-        f"|a-b| / max(|a|, |b|, {FLOOR:g}), tolerance {verdict.tolerance:g}; each stage's "
-        f"final validation accuracy by |a-b|, tolerance {verdict.accuracy_tolerance:g}.",
-        "",
-        *[
-            f"- largest in stage {stage!r}: {d.relative:.2e} ({d.pair}, epoch {d.epoch}, {d.metric})"
-            for stage, d in verdict.largest_per_stage.items()
-        ],
-        "",
-        f"![loss curves]({plot.name})"
-        if plot
-        else '(install matplotlib for the plot: pip install "xfer[report]")',
-    ]
-    written = [write_text(out / "report.md", "\n".join(lines) + "\n")]
-    return [*written, *([plot] if plot else [])]
-
-
-def divergence_epoch(histories: dict[str, History], divergence: Divergence) -> int:
-    """The epoch of ``divergence`` counted over all stages (1-based), as on the plot's x axis.
-
-    Example:
-        >>> divergence_epoch(histories, verdict.first)   # doctest: +SKIP
-        21
-    """
-    history = histories[divergence.reference]
-    before = 0
-    for stage in history.stages:
-        if stage.name == divergence.stage:
-            return before + divergence.epoch
-        before += len(stage.epochs)
-    raise ValueError(f"stage {divergence.stage!r} is not in {divergence.reference}'s history.")
-
-
-def _plot(histories: dict[str, History], path: Path, verdict: Verdict) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for backend, history in histories.items():
-        ax.plot(range(1, len(history.losses()) + 1), history.losses(), label=backend, alpha=0.8)
-    boundary = 0
-    for stage in next(iter(histories.values())).stages[:-1]:
-        boundary += len(stage.epochs)
-        ax.axvline(boundary + 0.5, color="grey", linestyle=":", linewidth=1)
-    if verdict.first is not None:
-        first = verdict.first
-        epoch = divergence_epoch(histories, first)
-        y = histories[first.other].losses()[epoch - 1]
-        ax.plot([epoch], [y], marker="X", color="red", markersize=12, linestyle="none")
-        ax.annotate(
-            f"{first.pair} diverged\n({first.metric}, stage {first.stage!r}, epoch {first.epoch})",
-            (epoch, y),
-            xytext=(10, 10),
-            textcoords="offset points",
-            color="red",
-        )
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("training loss")
-    ax.set_title("the same stages, weights and batches on each backend")
-    ax.legend()
-    fig.tight_layout()
-    try:
-        return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    finally:
-        plt.close(fig)

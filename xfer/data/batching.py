@@ -2,7 +2,7 @@
 
 xfer shuffles numpy data itself, with a generator seeded by (seed, stage, epoch), so every
 backend sees the same batches in the same order: that is what makes loss curves comparable
-across frameworks.
+across frameworks. ``xfer.data`` re-exports every name of this module.
 """
 
 from __future__ import annotations
@@ -16,13 +16,33 @@ Data = tuple[np.ndarray, np.ndarray] | Batches
 
 
 def is_arrays(data: object) -> bool:
+    """Whether ``data`` is numpy ``(x, y)`` (which xfer batches and shuffles itself), not an
+    iterable of batches.
+
+    Example:
+        >>> import numpy as np
+        >>> x, y = np.zeros((4, 2, 2, 1)), np.arange(4)
+        >>> is_arrays((x, y)), is_arrays([(x, y)])
+        (True, False)
+    """
     return (
         isinstance(data, tuple) and len(data) == 2 and all(isinstance(a, np.ndarray) for a in data)
     )
 
 
 def first_images(data: Data, *, name: str) -> np.ndarray:
-    """The images of the first batch, after checking that ``data`` is data xfer can use."""
+    """The images of the first batch, after checking that ``data`` is data xfer can use.
+
+    Raises:
+        TypeError: ``data`` is neither numpy ``(x, y)`` nor an iterable of batches (an
+            iterator, used up after one epoch, is refused too).
+        ValueError: the iterable of batches is empty.
+
+    Example:
+        >>> import numpy as np
+        >>> first_images([(np.zeros((2, 8, 8, 1)), np.arange(2))], name="train").shape
+        (2, 8, 8, 1)
+    """
     if is_arrays(data):
         return data[0]
     if isinstance(data, Iterable) and not isinstance(data, (tuple, np.ndarray, str, bytes)):
@@ -157,7 +177,14 @@ def inference_chunks(
 
 
 def arrays(data: Data) -> tuple[np.ndarray, np.ndarray]:
-    """All of ``data`` as two arrays (for evaluation)."""
+    """All of ``data`` as two arrays (for evaluation).
+
+    Example:
+        >>> import numpy as np
+        >>> batch = (np.zeros((2, 8, 8, 1)), np.arange(2))
+        >>> [a.shape for a in arrays([batch, batch])]
+        [(4, 8, 8, 1), (4,)]
+    """
     if is_arrays(data):
         return data
     xs, ys = zip(*data, strict=True)

@@ -1,4 +1,6 @@
-"""The main job: pretrain on the source digits, transfer to the shifted target digits.
+"""The main job as a library: pretrain on the source digits, transfer to the shifted target
+digits, on one backend (:func:`run`, what ``xfer run`` prints) or the same transfer on several
+(:func:`transfer_on_backends`, what ``xfer compare`` checks with :mod:`xfer.compare`).
 
 The pretrained source model of the default task ships as *neutral* weights
 (``xfer/_data/``), so every backend on every machine transfers from the very same numbers
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import inspect
 import json
 import os
 import tempfile
@@ -18,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from xfer import datasets, models, presets
+from xfer import _config, models, presets
 from xfer import select as S
 from xfer._adapter import load_adapter
+from xfer.data import digits
 from xfer.pipeline import History, Stage, TransferPipeline, evaluate
 from xfer.weights import export_weights, import_weights, load_weights
 
@@ -55,17 +59,25 @@ RESNET_WIDTH = 4
 RESNET_UPSAMPLE = 2
 
 
-def _model(backend: str, seed: int, model: str = "small_cnn") -> Any:
+def build_model(backend: str, seed: int, model: str = "small_cnn") -> Any:
+    """A fresh ``model`` (one of :data:`MODELS`) for the digits task on ``backend``, its
+    weights initialised from ``seed``.
+
+    Example:
+        >>> net = build_model("torch", seed=0)
+        >>> export_weights(net)["base.block1.conv.kernel"].shape
+        (3, 3, 1, 16)
+    """
     if model == "resnet18":
         return models.resnet(
-            18, datasets.TransferTask.num_classes, 1, width=RESNET_WIDTH, seed=seed, backend=backend
+            18, digits.TransferTask.num_classes, 1, width=RESNET_WIDTH, seed=seed, backend=backend
         )
     if model != "small_cnn":
         raise ValueError(f"Unknown model {model!r}: expected one of {', '.join(MODELS)}.")
     # No Dropout: each framework draws its own masks, and `xfer compare` must see the same
     # numbers on every backend.
     return models.small_cnn(
-        datasets.TransferTask.num_classes, 1, width=WIDTH, dropout=0.0, seed=seed, backend=backend
+        digits.TransferTask.num_classes, 1, width=WIDTH, dropout=0.0, seed=seed, backend=backend
     )
 
 
@@ -81,11 +93,12 @@ def pretrain(
     BN trained, data order from ``seed``. Takes seconds on a CPU.
 
     Example:
-        >>> model = pretrain("torch", seed=1)                 # doctest: +SKIP
-        >>> xfer.save_weights(model, "source-seed1.safetensors")   # doctest: +SKIP
+        >>> model = pretrain("torch", seed=1, epochs=1)
+        >>> round(source_accuracy("torch", model, seed=1), 1) > 0.2   # better than chance
+        True
     """
-    model = _model(backend, seed)
-    task = datasets.transfer_task(seed=seed)
+    model = build_model(backend, seed)
+    task = digits.transfer_task(seed=seed)
     stage = Stage("pretrain", train=S.all(), bn="train", lr=3e-3, epochs=epochs)
     TransferPipeline(
         model, [stage], optimizer="adam", batch_size=32, seed=seed, progress=progress
@@ -97,12 +110,12 @@ def source_accuracy(backend: str, model: Any, seed: int = 0) -> float:
     """Accuracy of the source model on the source validation digits.
 
     Example:
-        >>> source_accuracy("torch", pretrain("torch"))       # doctest: +SKIP
+        >>> model = build_model("torch", seed=0)
+        >>> load_weights(model, shipped_path())
+        >>> round(source_accuracy("torch", model), 3)
         0.978
     """
-    _, accuracy = evaluate(
-        load_adapter(backend), model, datasets.transfer_task(seed=seed).source_val
-    )
+    _, accuracy = evaluate(load_adapter(backend), model, digits.transfer_task(seed=seed).source_val)
     return accuracy
 
 
@@ -144,7 +157,7 @@ def pretrained(
     if weights is None:
         model = pretrain(backend, seed, progress, epochs=1 if quick else PRETRAIN_EPOCHS)
         return export_weights(model), "pretrained"
-    model = _model(backend, seed)
+    model = build_model(backend, seed)
     load_weights(model, weights)
     return export_weights(model), origin
 
@@ -208,10 +221,13 @@ def start_weights(
     (seeded), as for ``model="resnet18"``.
 
     Example:
-        >>> start = start_weights("torch", weights)          # doctest: +SKIP
-        >>> fresh = start_weights("torch", None, model="resnet18")   # doctest: +SKIP
+        >>> weights, _ = pretrained("torch")
+        >>> start = start_weights("torch", weights)
+        >>> float(abs(start["head.dense.kernel"]).max())   # the head starts at zero
+        0.0
+        >>> fresh = start_weights("torch", None, model="resnet18")
     """
-    start = export_weights(_model(backend, seed + 1, model))
+    start = export_weights(build_model(backend, seed + 1, model))
     if pretrained_weights is not None:
         start.update({k: v for k, v in pretrained_weights.items() if k.startswith("base.")})
         start.update(zero_head(start))  # not the backend's own initialiser
@@ -235,11 +251,13 @@ def transfer_pipeline(
     ``backend``, one of :data:`MODELS`), with the training and validation data.
 
     Example:
-        >>> pipe, train, val = transfer_pipeline("torch", bn="adapt")   # doctest: +SKIP
-        >>> pipe.check(train, val)                                       # doctest: +SKIP
+        >>> pipe, train, val = transfer_pipeline("torch", bn="adapt")
+        >>> pipe.check(train, val)   # refuses, before any training, what would fail
+        >>> [(s.name, s.bn) for s in pipe.stages], train[0].shape
+        ([('head', 'adapt'), ('finetune', 'adapt')], (100, 8, 8, 1))
     """
-    task = datasets.transfer_task(seed=seed)
-    net = _model(backend, seed, model)
+    task = digits.transfer_task(seed=seed)
+    net = build_model(backend, seed, model)
     # SGD with momentum: the frameworks' Adam differ in where epsilon goes (Keras adds it
     # before the bias correction), which fifty epochs turn into visibly different curves.
     pipe = TransferPipeline(
@@ -264,7 +282,10 @@ def transfer(
     :func:`transfer_pipeline`. Returns the history and the model.
 
     Example:
-        >>> history, model = transfer("torch", start, bn="adapt")   # doctest: +SKIP
+        >>> start = start_weights("torch", pretrained("torch")[0])
+        >>> history, model = transfer("torch", start, bn="adapt", quick=True)
+        >>> [len(s.epochs) for s in history.stages], history.ok
+        ([2, 2], True)
     """
     pipe, train, val = transfer_pipeline(backend, **options)
     import_weights(pipe.model, start)
@@ -294,9 +315,9 @@ def transfer_on_other_keras_engine(
     code = (
         "import json, sys\n"
         "from safetensors.numpy import load_file\n"
-        "from xfer import run\n"
+        "from xfer import job\n"
         "from xfer.subprocesses import answer\n"
-        "history, _ = run.transfer('keras', load_file(sys.argv[1]), **json.loads(sys.argv[2]))\n"
+        "history, _ = job.transfer('keras', load_file(sys.argv[1]), **json.loads(sys.argv[2]))\n"
         "answer(history.to_dict())\n"
     )
     options = dict(preset=preset, bn=bn, seed=seed, quick=quick, model=model)
@@ -312,46 +333,106 @@ def transfer_on_other_keras_engine(
     return History.from_dict(done)
 
 
-def run(
-    backend: str,
+def transfer_on_backends(
+    backends: list[str],
     *,
     preset: str = "keras_guide",
     bn: str | None = None,
     seed: int = 0,
-    progress: Callable[[str], None] | None = None,
     quick: bool = False,
-    checkpoint_dir: str | None = None,
-    resume: bool = False,
-    cache: str = "auto",
-    device: str = "auto",
-    weights_file: str | os.PathLike | None = None,
-) -> RunResult:
-    """Load the source model (shipped, ``weights`` file, or pretrained now for another
-    seed: see :func:`pretrained`), then transfer. The main job.
+    model: str = "small_cnn",
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, History]:
+    """The same transfer on each of ``backends``, from the same start weights and data
+    order: what ``xfer compare`` checks (:func:`xfer.compare.check`). The start is built
+    once on the first backend (``model="small_cnn"``: its pretrained source model; the
+    ResNet: fresh seeded weights, see :data:`MODELS`); when Keras is among ``backends`` and
+    its other engine is installed, that engine runs too, in a subprocess.
+
+    Args:
+        backends: the frameworks, the first one being everyone's reference.
+        preset, bn, seed, quick, model: as for :func:`transfer_pipeline`.
+        progress: called with a line (or an epoch's progress) as the runs go.
+
+    Returns:
+        Each run's history, by label (``torch``, ``keras-jax``...), in the order they ran.
 
     Example:
-        >>> result = run("torch", bn="adapt")                 # doctest: +SKIP
-        >>> print(result.history)                             # doctest: +SKIP
+        >>> histories = transfer_on_backends(["torch"], quick=True)
+        >>> list(histories), histories["torch"].ok
+        (['torch'], True)
     """
-    pipe, train, val = transfer_pipeline(
-        backend,
-        preset=preset,
-        bn=bn,
-        seed=seed,
-        progress=progress,
-        quick=quick,
-        checkpoint_dir=checkpoint_dir,
-        cache=cache,
-        device=device,
-    )
+    if model == "small_cnn":
+        weights, _ = pretrained(backends[0], seed, progress, quick)
+    else:
+        weights = None  # see MODELS: the ResNet starts from fresh seeded weights
+    start = start_weights(backends[0], weights, seed, model=model)
+    options = dict(preset=preset, bn=bn, seed=seed, quick=quick, model=model)
+    histories = {}
+    for backend in backends:
+        history, _ = transfer(backend, start, progress=progress, **options)
+        histories[_config.label(backend)] = history
+    if "keras" in backends:
+        # Keras reads KERAS_BACKEND once per process: its other engine runs in a subprocess.
+        other = _config.other_keras_engine()
+        if _config.is_installed(other):
+            label = next(f.label for f in _config.REGISTRY if f.keras_engine == other)
+            if progress is not None:
+                progress(f"{label} (in a subprocess: one Keras engine per process)")
+            histories[label] = transfer_on_other_keras_engine(other, start, **options)
+    return histories
+
+
+def run(
+    backend: str,
+    *,
+    resume: bool = False,
+    weights_file: str | os.PathLike | None = None,
+    **options: Any,
+) -> RunResult:
+    """Load the source model (shipped, ``weights_file``, or pretrained now for another
+    seed: see :func:`pretrained`), then transfer. The main job.
+
+    Args:
+        backend: the framework to run on.
+        resume: continue the run saved in ``checkpoint_dir``.
+        weights_file: neutral weights of the source model to start from.
+        **options: those of :func:`transfer_pipeline` (``preset``, ``bn``, ``seed``,
+            ``progress``, ``quick``, ``checkpoint_dir``, ``cache``, ``device``), with its
+            defaults.
+
+    Example:
+        >>> result = run("torch", bn="adapt", quick=True)
+        >>> result.source_weights, round(result.source_accuracy, 3)
+        ('shipped', 0.978)
+        >>> print(result.history)                             # doctest: +ELLIPSIS
+        torch on ...
+        stage     epochs  loss ...
+        head      2 ...
+        finetune  2 ...
+    """
+    pipe, train, val = transfer_pipeline(backend, **options)
+    # The options with transfer_pipeline's defaults filled in: its signature is the one
+    # list of them (an unknown name was a TypeError above).
+    bound = inspect.signature(transfer_pipeline).bind(backend, **options)
+    bound.apply_defaults()
+    seed, quick = bound.arguments["seed"], bound.arguments["quick"]
+    if bound.arguments["model"] != "small_cnn":
+        raise ValueError(
+            f"run transfers the pretrained small_cnn, got model={bound.arguments['model']!r}: "
+            "transfer_on_backends (xfer compare --model) runs the other models."
+        )
     # Everything the transfer needs (device, checkpoint, stages) is checked before the
     # source model is loaded or pretrained.
     pipe.check(train, val, resume=resume)
-    weights, origin = pretrained(backend, seed, progress, quick, weights=weights_file)
-    source_model = _model(backend, seed)
+    weights, origin = pretrained(
+        backend, seed, bound.arguments["progress"], quick, weights=weights_file
+    )
+    source_model = build_model(backend, seed)
     import_weights(source_model, weights)
     accuracy = source_accuracy(backend, source_model, seed)
     import_weights(pipe.model, start_weights(backend, weights, seed))
     history = pipe.fit(train, val, resume=resume)
     path = {"shipped": str(shipped_path()), "file": os.fspath(weights_file or "")}.get(origin)
+    preset, bn = bound.arguments["preset"], bound.arguments["bn"]
     return RunResult(backend, preset, bn, origin, path, accuracy, history)

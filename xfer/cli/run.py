@@ -1,0 +1,147 @@
+"""``xfer run``: the main job on one backend, and the text it prints (the job itself is
+:func:`xfer.job.run`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from xfer import _config
+from xfer.cli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, fail, one_line
+from xfer.cli.info import version
+from xfer.cli.options import (
+    add_backend,
+    add_transfer_options,
+    chosen_backend,
+    transfer_options,
+)
+from xfer.cli.progress import terminal_progress
+
+HELP = "The main job: from the shipped source model (digits 0-4), transfer to shifted digits 5-9."
+
+_ORIGIN = {
+    "shipped": "shipped with xfer",
+    "file": "from --weights",
+    "pretrained": "pretrained now",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--weights",
+        metavar="PATH",
+        help="neutral weights of the source model (default: the shipped ones for "
+        "seed 0, pretrained now for another seed)",
+    )
+    parser.add_argument(
+        "--checkpoint", metavar="DIR", help="save a checkpoint after each stage here"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run saved in --checkpoint DIR"
+    )
+    parser.add_argument(
+        "--cache",
+        choices=("auto", "off"),
+        default="auto",
+        help="cache a frozen base's features when a stage allows it (default: auto)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: CUDA when the framework sees a GPU",
+    )
+    add_backend(parser)
+    add_transfer_options(parser)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the main job and print its per-stage table (or its report as JSON). Exits 1
+    when the run failed or a frozen tensor changed, 2 for input to fix (a ``--weights``
+    file that is not the source model's, ``--resume`` without ``--checkpoint``), 130 on
+    Ctrl-C (saying what the checkpoint holds and how to resume).
+
+    Example:
+        >>> from xfer.cli import main
+        >>> main(["run", "--backend", "torch", "--quick"])   # doctest: +ELLIPSIS
+        xfer run: torch ..., preset keras_guide, BN policy of the preset
+        ...
+        0
+    """
+    from xfer import job
+
+    backend = chosen_backend(args)
+    from xfer.checkpoint import CheckpointError
+    from xfer.pipeline import Interrupted, NonFiniteLoss
+
+    if args.resume and not args.checkpoint:
+        return fail(
+            "run",
+            "--resume needs --checkpoint DIR (the directory of the interrupted run).",
+            EXIT_BAD_INPUT,
+        )
+    if args.weights:
+        # Checked before any training, in one line: the usual mistake is another model's file.
+        try:
+            job.pretrained(backend, args.seed, weights=args.weights)
+        except (OSError, ValueError) as error:
+            return fail(
+                "run",
+                f"--weights {args.weights}: {one_line(error)} Expected neutral "
+                "weights of the source model; `xfer pretrain --out PATH` writes one.",
+                EXIT_BAD_INPUT,
+            )
+    with terminal_progress(args) as progress:
+        try:
+            result = job.run(
+                backend,
+                **transfer_options(args),
+                progress=progress,
+                checkpoint_dir=args.checkpoint,
+                resume=args.resume,
+                cache=args.cache,
+                device=args.device,
+                weights_file=args.weights,
+            )
+        except Interrupted as stop:
+            print(f"\n{stop}", file=sys.stderr)  # it says what is saved and how to resume
+            return EXIT_INTERRUPTED
+        except (NonFiniteLoss, CheckpointError) as error:
+            return fail("run", one_line(error))
+    report = dataclasses.asdict(result)
+    report.update(backend=_config.label(backend), version=version(backend))
+    print(json.dumps(report) if args.format == "json" else run_text(report))
+    return 0 if result.history.ok else 1
+
+
+def run_text(report: dict) -> str:
+    """The text ``xfer run`` prints, from its ``--format json`` report (so that the README's
+    block, made from the json by scripts/readme_numbers.py, is what a user sees).
+
+    Example:
+        >>> from xfer.pipeline import EpochRecord, History, StageRecord
+        >>> head = StageRecord("head", 85, 2544, 12, [], [EpochRecord(1, 1.6848, 1.6087, 0.201, 0.1)], "off")
+        >>> report = {"backend": "torch", "version": "2.13.0", "preset": "keras_guide", "bn": None,
+        ...           "source_weights": "shipped", "source_accuracy": 0.978,
+        ...           "history": History("torch", [head], "cpu").to_dict()}
+        >>> print(run_text(report))
+        xfer run: torch 2.13.0, preset keras_guide, BN policy of the preset
+        source model (digits 0-4, shipped with xfer): validation accuracy 0.978
+        target: digits 5-9, ink inverted and contrast changed, 20 labelled images per class
+        <BLANKLINE>
+        torch on cpu
+        stage  epochs  loss    val loss  val acc  trainable  frozen  frozen tensors       features cached
+        head   1       1.6848  1.6087    0.201    85         2,544   12/12 bit-identical  off
+    """
+    from xfer.pipeline import History
+
+    origin = _ORIGIN[report["source_weights"]]
+    return (
+        f"xfer run: {report['backend']} {report['version']}, preset {report['preset']}, "
+        f"BN policy {report['bn'] or 'of the preset'}\n"
+        f"source model (digits 0-4, {origin}): validation accuracy {report['source_accuracy']:.3f}\n"
+        "target: digits 5-9, ink inverted and contrast changed, 20 labelled images per class\n\n"
+        f"{History.from_dict(report['history'])}"
+    )
