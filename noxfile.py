@@ -32,7 +32,7 @@ def _registry():
 REGISTRY = _registry()
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["lint", *(f"tests-{f.label}" for f in REGISTRY), "parity"]
+nox.options.sessions = ["lint", *(f"tests-{f.label}" for f in REGISTRY), "parity", "doctests"]
 
 CONSTRAINTS = ("-c", "constraints.txt")
 
@@ -77,6 +77,23 @@ def parity(session: nox.Session) -> None:
         *session.posargs,
         env={
             "XFER_PARITY": "1",
+            "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+            "KERAS_HOME": tempfile.mkdtemp(prefix="xfer-keras-"),
+        },
+    )
+
+
+@nox.session
+def doctests(session: nox.Session) -> None:
+    """Every docstring example of xfer and its backends runs (tests/test_docstring_examples.py)."""
+    session.install(*CONSTRAINTS, ".[all,dev]")
+    session.run(
+        "pytest",
+        "tests/test_docstring_examples.py",
+        *session.posargs,
+        env={
+            "XFER_DOCTESTS": "1",
+            "KERAS_BACKEND": "jax",
             "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
             "KERAS_HOME": tempfile.mkdtemp(prefix="xfer-keras-"),
         },

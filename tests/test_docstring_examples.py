@@ -1,13 +1,14 @@
 """Every docstring example of xfer runs, as a user would paste it (doctest on each module).
 
-The framework-free modules in every session; a backend's own modules in the session of
-that backend. Examples that need minutes of training, a GPU or a subprocess are marked
-``+SKIP``; every other one must print what it shows.
+The ``doctests`` nox session, where every framework is installed: examples name the
+framework they show (``build_model("torch")``). Examples that need minutes of training, a
+GPU or a subprocess are marked ``+SKIP``; every other one must print what it shows.
 """
 
 from __future__ import annotations
 
 import doctest
+import os
 import importlib
 import pkgutil
 
@@ -20,6 +21,10 @@ from xfer import _config
 HERE = {_config.flavour(label).backend for label in BACKENDS}
 NOT_HERE = tuple(f"xfer.backends.{b}" for b in _config.BACKENDS if b not in HERE)
 NOT_A_LIBRARY = ("xfer.__main__",)  # importing it runs the CLI
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("XFER_DOCTESTS") != "1", reason="the examples run in `nox -s doctests`"
+)
 
 
 def _modules() -> list[str]:
