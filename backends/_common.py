@@ -9,7 +9,59 @@ framework's layers.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import types
 from collections.abc import Sequence
+from typing import Any
+
+from xfer._adapter import Adapter, Engine, Models, Units, Weights
+
+# Which module of a backend package implements which contract.
+CONTRACTS = {"units": Units, "weights": Weights, "engine": Engine, "models": Models}
+
+
+def contract_members(protocol: type) -> list[str]:
+    """The names a module must define to implement ``protocol``: its methods, in the order
+    the Protocol declares them, and its data attributes (``Engine.mixed_precision``).
+
+    Example:
+        >>> contract_members(Models)
+        ['small_cnn', 'resnet', 'attach_head']
+    """
+    own = [n for n in vars(protocol) if not n.startswith("_")]
+    methods = [n for n in own if inspect.isfunction(vars(protocol)[n])]
+    return [*methods, *protocol.__annotations__]
+
+
+def assemble(name: str, **modules: types.ModuleType) -> Adapter:
+    """The adapter object of backend ``name``, from its modules ``units``, ``weights``,
+    ``engine`` and ``models``: each defines, as module-level functions (and data), the
+    members of its Protocol under the same names. A missing member is an ``AttributeError``
+    at import, not a failure deep in a training run.
+
+    Example:
+        >>> from xfer.backends.torch import engine, models, units, weights  # doctest: +SKIP
+        >>> ADAPTER = assemble("torch", units=units, weights=weights, engine=engine, models=models)  # doctest: +SKIP
+    """
+    if sorted(modules) != sorted(CONTRACTS):
+        raise TypeError(f"assemble needs the modules {sorted(CONTRACTS)}, got {sorted(modules)}")
+    namespace: dict[str, Any] = {
+        "name": name,
+        "__doc__": f"The {name} adapter (xfer._adapter.Adapter).",
+    }
+    for role, protocol in CONTRACTS.items():
+        module = modules[role]
+        for member in contract_members(protocol):
+            if not hasattr(module, member):
+                raise AttributeError(
+                    f"backend {name!r}: {module.__name__} does not define {member!r}, which "
+                    f"{protocol.__name__} asks for (see docs/adding-a-backend.md)."
+                )
+            value = getattr(module, member)
+            namespace[member] = staticmethod(value) if callable(value) else value
+    adapter = type(f"{name.capitalize()}Adapter", (), namespace)()
+    return adapter
+
 
 # depth -> (blocks per stage, block type); the torchvision / Keras-applications table.
 RESNET_STAGES = {18: ((2, 2, 2, 2), "basic"), 50: ((3, 4, 6, 3), "bottleneck")}
