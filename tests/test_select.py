@@ -9,7 +9,7 @@ from xfer import select as S
 
 
 def _unit(path: str, kind: str, index: int) -> Unit:
-    return Unit(path, path.rpartition(".")[2], kind, index, path.count("."), 0, None, None)
+    return Unit(path, kind, index, 0, None, None)
 
 
 UNITS = [

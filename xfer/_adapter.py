@@ -40,10 +40,8 @@ class Unit:
     """
 
     path: str
-    name: str
     kind: str
     index: int
-    depth: int
     n_params: int
     native: Any = dataclasses.field(compare=False, repr=False)
     root: Any = dataclasses.field(compare=False, repr=False)
@@ -51,17 +49,54 @@ class Unit:
     stats: tuple[str, ...] = ()  # native names of its own BN moving statistics
 
     @property
+    def name(self) -> str:
+        """The unit's own name: the last segment of its path (``bn`` of ``base.block1.bn``)."""
+        return self.path.rpartition(".")[2]
+
+    @property
+    def depth(self) -> int:
+        """How far below the root: 0 for the root, 1 for its children, ..."""
+        return self.path.count(".") + bool(self.path)
+
+    @property
     def is_bn(self) -> bool:
         return self.kind == "batchnorm"
 
 
-@runtime_checkable
-class Adapter(Protocol):
-    """What each of ``backends/torch.py``, ``backends/keras.py``, ``backends/flax.py`` provides."""
+# The optimizers every backend builds (Engine.trainer), with the settings they share so
+# that the backends agree: Adam's epsilon is Keras's default (torch's and optax's is 1e-8).
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+MOMENTUM = 0.9
+ADAM_EPSILON = 1e-7
 
-    name: str
-    # None when precision="bfloat16" works on any built model; else how the framework does it.
-    mixed_precision: str | None
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """How :meth:`Engine.trainer` builds its step.
+
+    ``optimizer`` is one of :data:`OPTIMIZERS`; every parameter trains with ``lr`` except
+    those of the units of each ``lr_groups`` entry (unit paths, lr; a unit in several
+    entries takes the first). ``precision="bfloat16"``: mixed precision, parameters in
+    float32 (asked only of an adapter whose ``mixed_precision`` is ``None``);
+    ``compile_step``: the framework's optional compiler (``torch.compile``, Keras
+    ``jit_compile=True``), where steps are not compiled anyway.
+
+    Example:
+        >>> StepOptions("adamw", 1e-3, weight_decay=1e-4).lr_groups
+        ()
+    """
+
+    optimizer: str
+    lr: float
+    weight_decay: float = 0.0
+    lr_groups: tuple[tuple[tuple[str, ...], float], ...] = ()
+    precision: str = "float32"
+    compile_step: bool = False
+
+
+@runtime_checkable
+class Units(Protocol):
+    """Unit discovery and the two switches: what trains, and each unit's pinned mode."""
 
     def units(self, model: Any) -> list[Unit]:
         """Every unit below the root, parents before children, in definition order.
@@ -69,6 +104,120 @@ class Adapter(Protocol):
         The root itself is a unit (path ``""``, index -1) only if it has parameters of its
         own; a model that is a single layer is one unit (path ``""``, index 0).
         """
+
+    def chain(self, model: Any) -> list[Any] | None:
+        """The model's top-level children in the order its forward applies them, when the
+        forward is exactly their composition (``head(base(x))``); ``None`` when xfer cannot
+        know that. Feature caching splits a model there.
+        """
+
+    def mode_free(self, unit: Unit) -> bool:
+        """Whether the unit's own computation is the same in training and inference mode
+        (a conv, a pooling, a container that only calls its children), as far as the
+        framework's own layer types tell; unknown user layers are not.
+        """
+
+    def param_counts(self, unit: Unit) -> tuple[int, int]:
+        """Elements of the unit's own parameters: (trainable, frozen)."""
+
+    def set_trainable(self, unit: Unit, trainable: bool) -> None:
+        """Freeze or unfreeze the unit's own parameters with the framework's mechanism."""
+
+    def get_mode(self, unit: Unit) -> Mode:
+        """The unit's pinned mode (``"inherit"`` when not pinned)."""
+
+    def set_mode(self, unit: Unit, mode: Mode) -> None:
+        """Pin the unit's own computation to a mode that survives the framework's switches."""
+
+
+@runtime_checkable
+class Weights(Protocol):
+    """Every parameter and BN statistic, in the framework's layout and in the neutral one."""
+
+    def tensors(self, model: Any) -> Iterator[tuple[str, np.ndarray]]:
+        """Every parameter and BN statistic as numpy, keyed ``<unit path>.<native name>``,
+        one at a time. An array may share memory with the model: use it before the model
+        changes, or copy it (``xfer.snapshot`` does)."""
+
+    def weight_arrays(self, model: Any) -> Iterator[tuple[str, np.ndarray]]:
+        """Every parameter and BN statistic as numpy in the neutral layout, one at a time;
+        an array may share memory with the model, as in ``tensors`` (``xfer.export_weights``
+        copies).
+
+        Keys ``<unit path>.<role>`` with Keras's role names (``kernel``, ``bias``, ``gamma``,
+        ``beta``, ``moving_mean``, ``moving_variance``); conv kernels ``(*spatial, in,
+        out)``, dense kernels ``(in, out)``. A variable left in its native layout keeps its
+        native name. Tied variables appear once.
+        """
+
+    def assign_weights(self, model: Any, weights: dict[str, np.ndarray]) -> None:
+        """Assign values in the neutral layout, converted back to the native one, in place.
+
+        Called only after ``xfer.weights`` checked that ``weights`` has exactly the names,
+        shapes and dtypes of ``weight_arrays(model)``. Variable objects, their types,
+        devices and trainable flags stay as they are.
+        """
+
+    def persistence(self) -> str:
+        """One sentence: what of the xfer state the framework's own save format keeps."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Training and inference with the framework's own optimizer, loop and devices."""
+
+    # None when precision="bfloat16" works on any built model; else how the framework does it.
+    mixed_precision: str | None
+
+    def fit(
+        self,
+        model: Any,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        weight_decay: float,
+    ) -> list[float]:
+        """Train with the framework's own standard loop (AdamW, batches in order); mean loss per epoch."""
+
+    def trainer(self, model: Any, options: StepOptions) -> Callable[[Any, Any], float]:
+        """A training step for ``model`` as it is now: the framework's optimizer
+        (``options.optimizer``) over exactly the trainable parameters, learning rates and
+        precision as :class:`StepOptions` says.
+
+        The step takes a batch (channels-last images, integer labels, as numpy or as
+        ``to_device`` gives them), runs the framework's training mode, mean softmax
+        cross-entropy on logits, one update, and returns the loss computed before the
+        update.
+        """
+
+    def to_device(self, model: Any, x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
+        """Images (channels-last) and labels as the framework's arrays on the model's
+        device, in the layout the step takes; indexing them with numpy indices gives batches
+        that a ``trainer`` step accepts as it accepts numpy."""
+
+    def predict(self, model: Any, x: np.ndarray, *, batch_size: int = PREDICT_CHUNK) -> np.ndarray:
+        """Outputs in the framework's inference mode, for channels-last numpy inputs: the
+        logits of a classifier; a feature map comes back channels-last too. The forward
+        runs on ``batch_size`` images at a time (``xfer.data.inference_chunks``)."""
+
+    def place(self, model: Any, device: str) -> str:
+        """Put the model on ``device`` (``"auto"``: CUDA when present, else the CPU) and
+        return where it is (``"cpu"``, ``"cuda"``). Where the framework places variables
+        itself (JAX), a ``ValueError`` when it does not place them on ``device``; the
+        model is unchanged on error.
+        """
+
+    def output_shape(self, model: Any, x: np.ndarray) -> tuple[int, ...]:
+        """The shape of ``predict(model, x)``, traced abstractly where the framework can
+        (JAX: nothing is compiled or computed); errors as ``predict`` would raise them."""
+
+
+@runtime_checkable
+class Models(Protocol):
+    """xfer's reference models and new heads, built in the framework."""
 
     def small_cnn(
         self, num_classes: int, in_channels: int, *, width: int, dropout: float, seed: int
@@ -105,115 +254,13 @@ class Adapter(Protocol):
         are as they were afterwards.
         """
 
-    def fit(
-        self,
-        model: Any,
-        x: np.ndarray,
-        y: np.ndarray,
-        *,
-        epochs: int,
-        batch_size: int,
-        lr: float,
-        weight_decay: float,
-    ) -> list[float]:
-        """Train with the framework's own standard loop (AdamW, batches in order); mean loss per epoch."""
 
-    def trainer(
-        self,
-        model: Any,
-        *,
-        optimizer: str,
-        lr: float,
-        weight_decay: float,
-        lr_groups: list[tuple[list[str], float]],
-        precision: str = "float32",
-        compile_step: bool = False,
-    ) -> Callable[[np.ndarray, np.ndarray], float]:
-        """A training step for ``model`` as it is now: the framework's optimizer
-        (``sgd``, ``momentum``, ``adam``, ``adamw``) over exactly the trainable parameters,
-        with ``lr`` except for the units of each ``lr_groups`` entry (unit paths, lr).
+@runtime_checkable
+class Adapter(Units, Weights, Engine, Models, Protocol):
+    """What each backend package (``backends/torch/``, ``keras/``, ``flax/``) provides, as
+    one object in its ``__init__.py``: the four small contracts and the backend's name."""
 
-        ``precision="bfloat16"``: mixed precision (parameters stay float32); asked only of
-        an adapter whose ``mixed_precision`` is ``None``; ``compile_step``: the framework's
-        optional compiler (``torch.compile``, Keras ``jit_compile=True``), where steps are
-        not compiled anyway.
-
-        The step takes a batch (channels-last images, integer labels), runs the framework's
-        training mode, mean softmax cross-entropy on logits, one update, and returns the loss
-        computed before the update.
-        """
-
-    def to_device(self, model: Any, x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
-        """Images (channels-last) and labels as the framework's arrays on the model's
-        device, in the layout the step takes; indexing them with numpy indices gives batches
-        that a ``trainer`` step accepts as it accepts numpy."""
-
-    def predict(self, model: Any, x: np.ndarray, *, batch_size: int = PREDICT_CHUNK) -> np.ndarray:
-        """Outputs in the framework's inference mode, for channels-last numpy inputs: the
-        logits of a classifier; a feature map comes back channels-last too. The forward
-        runs on ``batch_size`` images at a time (``xfer.data.inference_chunks``)."""
-
-    def place(self, model: Any, device: str) -> str:
-        """Put the model on ``device`` (``"auto"``: CUDA when present, else the CPU) and
-        return where it is (``"cpu"``, ``"cuda"``). Where the framework places variables
-        itself (JAX), a ``ValueError`` when it does not place them on ``device``; the
-        model is unchanged on error.
-        """
-
-    def output_shape(self, model: Any, x: np.ndarray) -> tuple[int, ...]:
-        """The shape of ``predict(model, x)``, traced abstractly where the framework can
-        (JAX: nothing is compiled or computed); errors as ``predict`` would raise them."""
-
-    def chain(self, model: Any) -> list[Any] | None:
-        """The model's top-level children in the order its forward applies them, when the
-        forward is exactly their composition (``head(base(x))``); ``None`` when xfer cannot
-        know that. Feature caching splits a model there.
-        """
-
-    def mode_free(self, unit: Unit) -> bool:
-        """Whether the unit's own computation is the same in training and inference mode
-        (a conv, a pooling, a container that only calls its children), as far as the
-        framework's own layer types tell; unknown user layers are not.
-        """
-
-    def param_counts(self, unit: Unit) -> tuple[int, int]:
-        """Elements of the unit's own parameters: (trainable, frozen)."""
-
-    def set_trainable(self, unit: Unit, trainable: bool) -> None:
-        """Freeze or unfreeze the unit's own parameters with the framework's mechanism."""
-
-    def get_mode(self, unit: Unit) -> Mode:
-        """The unit's pinned mode (``"inherit"`` when not pinned)."""
-
-    def set_mode(self, unit: Unit, mode: Mode) -> None:
-        """Pin the unit's own computation to a mode that survives the framework's switches."""
-
-    def tensors(self, model: Any) -> Iterator[tuple[str, np.ndarray]]:
-        """Every parameter and BN statistic as numpy, keyed ``<unit path>.<native name>``,
-        one at a time. An array may share memory with the model: use it before the model
-        changes, or copy it (``xfer.snapshot`` does)."""
-
-    def weight_arrays(self, model: Any) -> Iterator[tuple[str, np.ndarray]]:
-        """Every parameter and BN statistic as numpy in the neutral layout, one at a time;
-        an array may share memory with the model, as in ``tensors`` (``xfer.export_weights``
-        copies).
-
-        Keys ``<unit path>.<role>`` with Keras's role names (``kernel``, ``bias``, ``gamma``,
-        ``beta``, ``moving_mean``, ``moving_variance``); conv kernels ``(*spatial, in,
-        out)``, dense kernels ``(in, out)``. A variable left in its native layout keeps its
-        native name. Tied variables appear once.
-        """
-
-    def assign_weights(self, model: Any, weights: dict[str, np.ndarray]) -> None:
-        """Assign values in the neutral layout, converted back to the native one, in place.
-
-        Called only after ``xfer.weights`` checked that ``weights`` has exactly the names,
-        shapes and dtypes of ``weight_arrays(model)``. Variable objects, their types,
-        devices and trainable flags stay as they are.
-        """
-
-    def persistence(self) -> str:
-        """One sentence: what of the xfer state the framework's own save format keeps."""
+    name: str
 
 
 _FRAMEWORKS = (

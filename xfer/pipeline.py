@@ -20,7 +20,7 @@ import numpy as np
 from xfer import cache as C
 from xfer import data as D
 from xfer import select as S
-from xfer._adapter import Adapter, Unit, find_adapter
+from xfer._adapter import OPTIMIZERS, Adapter, StepOptions, Unit, find_adapter
 from xfer._checks import check_integer, check_positive, is_number
 from xfer._table import table
 from xfer.checkpoint import (
@@ -37,7 +37,6 @@ from xfer.policy import BNPolicy
 from xfer.rollback import Rollback
 from xfer.state import _check_mode, changed_tensors, fingerprints, frozen_tensors
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("float32", "bfloat16")
 LOSSES = ("sparse_categorical_crossentropy",)
@@ -699,15 +698,15 @@ class TransferPipeline:
         record: StageRecord,
     ) -> None:
         adapter = self.adapter
-        step = adapter.trainer(
-            trained,
-            optimizer=stage.optimizer or self.optimizer,
-            lr=stage.lr,
+        options = StepOptions(
+            stage.optimizer or self.optimizer,
+            stage.lr,
             weight_decay=self.weight_decay,
-            lr_groups=groups,
+            lr_groups=tuple((tuple(paths), lr) for paths, lr in groups),
             precision=self.precision,
             compile_step=self.compile_step,
         )
+        step = adapter.trainer(trained, options)
         # On a GPU, arrays that fit the memory budget go there once, not batch by batch (on
         # the CPU they are there already; a converted copy would only cost memory).
         on_device = None

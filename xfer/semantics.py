@@ -1,7 +1,7 @@
 """``xfer semantics``: what each framework's own switches really do, measured here and now.
 
 Every cell of the table comes from running a tiny probe on the installed framework
-(``backends/<framework>_semantics.py``), never from a list of known facts: if a new
+(``backends/<framework>/semantics.py``), never from a list of known facts: if a new
 version changes a behaviour, the table changes. Beside each native answer is xfer's
 guarantee for the same question, measured the same way through xfer's API.
 
@@ -21,7 +21,7 @@ from typing import Any
 from xfer import _config
 from xfer.cli.tables import table
 
-__all__ = ["ROWS", "Row", "measure", "run_probes", "to_json", "to_markdown", "to_text"]
+__all__ = ["ROWS", "Row", "measure", "probe", "run_probes", "to_json", "to_markdown", "to_text"]
 
 NA = "n/a"
 
@@ -132,10 +132,24 @@ def run_probes(probes: dict[str, Callable[[], dict]]) -> dict[str, dict]:
     return cells
 
 
+def probe(module: Any) -> dict[str, dict]:
+    """Run the probes of a backend's ``semantics`` module: its functions named like the
+    rows of :data:`ROWS` (a row it has no function for does not apply to it).
+
+    Example:
+        >>> import types
+        >>> probe(types.SimpleNamespace(bn_default_epsilon=lambda: {"native": 1e-3}))
+        {'bn_default_epsilon': {'native': 0.001, 'xfer': 'n/a', 'detail': ''}}
+    """
+    probes = {row: getattr(module, row) for row in _ROW_IDS if callable(getattr(module, row, None))}
+    return run_probes(probes)
+
+
 _CHILD = (
-    "from xfer.backends import keras_semantics as k\n"
+    "from xfer.backends.keras import semantics as k\n"
+    "from xfer.semantics import probe\n"
     "from xfer.subprocesses import answer\n"
-    "answer({'versions': k.versions(), 'cells': k.probe()})\n"
+    "answer({'versions': k.versions(), 'cells': probe(k)})\n"
 )
 
 
@@ -185,11 +199,11 @@ def measure(
             notes.append(f'{backend}: not installed (pip install "xfer[{backend}]"), left out')
             continue
         _config.require(backend)
-        module = importlib.import_module(f"xfer.backends.{backend}_semantics")
+        module = importlib.import_module(f"xfer.backends.{backend}.semantics")
         name = _config.label(backend)
         if progress is not None:
             progress(f"probing {name}")
-        columns.append(_column(name, {"versions": module.versions(), "cells": module.probe()}))
+        columns.append(_column(name, {"versions": module.versions(), "cells": probe(module)}))
         if backend == "keras" and other_keras_engine:
             other = _config.other_keras_engine()
             if not _config.is_installed(other):

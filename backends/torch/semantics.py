@@ -1,12 +1,22 @@
 """What PyTorch's own switches do, measured on tiny models; the same probes through xfer.
 
-Each probe returns ``{"native": value, "xfer": value, "detail": str}`` for one row of
-``xfer.semantics.ROWS``. Nothing is assumed about the installed version: every value comes
-from running the framework. The global RNG is left as it was (``torch.random.fork_rng``).
+Each probe is the function named like its row of ``xfer.semantics.ROWS`` and returns
+``{"native": value, "xfer": value, "detail": str}`` (``xfer.semantics.probe(module)`` finds
+and runs them; a row with no function here does not apply to PyTorch, as Keras's nested
+``training`` argument). Nothing is assumed about the installed version: every value comes
+from running the framework. Each probe draws from torch's RNG seeded with 0 and leaves the
+global RNG as it was (``torch.random.fork_rng``).
+
+Example:
+    >>> import sys
+    >>> from xfer.semantics import probe
+    >>> probe(sys.modules[__name__])["parent_train_undoes_child_eval"]["native"]
+    True
 """
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -16,17 +26,28 @@ from torch import nn
 
 import xfer
 from xfer import select as S
-from xfer.semantics import run_probes
 
 
 def versions() -> dict[str, str]:
     """The installed versions these probes measure.
 
     Example:
-        >>> versions()["torch"]                              # doctest: +SKIP
-        '2.13.0'
+        >>> versions()["torch"] == torch.__version__.split("+")[0]
+        True
     """
     return {"torch": torch.__version__.split("+")[0]}
+
+
+def _seeded(probe: Callable[[], dict]) -> Callable[[], dict]:
+    """The probe, run on torch's RNG seeded with 0, the global RNG left as it was."""
+
+    @functools.wraps(probe)
+    def seeded() -> dict:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return probe()
+
+    return seeded
 
 
 def _net() -> nn.Sequential:
@@ -74,6 +95,7 @@ def _kept(model: nn.Module, action: Callable[[], None]) -> bool:
     return bool(keys) and not xfer.changed_tensors(before, xfer.snapshot(model), keys)
 
 
+@_seeded
 def freeze_stops_bn_stats() -> dict:
     x = _images()
     model = _net()
@@ -101,6 +123,7 @@ def freeze_stops_bn_stats() -> dict:
     }
 
 
+@_seeded
 def parent_train_undoes_child_eval() -> dict:
     x = _images()
     model = _net()
@@ -132,6 +155,7 @@ def parent_train_undoes_child_eval() -> dict:
     }
 
 
+@_seeded
 def dropout_active_when_frozen() -> dict:
     x = torch.randn(8, 16)
     model = nn.Sequential(OrderedDict(dense=nn.Linear(16, 16), drop=nn.Dropout(0.5)))
@@ -158,6 +182,7 @@ def dropout_active_when_frozen() -> dict:
     }
 
 
+@_seeded
 def trainable_false_forces_inference() -> dict:
     x = _images()
 
@@ -184,6 +209,7 @@ def trainable_false_forces_inference() -> dict:
     }
 
 
+@_seeded
 def bn_default_momentum() -> dict:
     momentum = nn.BatchNorm2d(4).momentum
     return {
@@ -193,6 +219,7 @@ def bn_default_momentum() -> dict:
     }
 
 
+@_seeded
 def bn_default_epsilon() -> dict:
     return {"native": float(nn.BatchNorm2d(4).eps), "xfer": "n/a", "detail": "BatchNorm2d().eps"}
 
@@ -212,6 +239,7 @@ def _estimate(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return bn.running_var.double().numpy(), np.stack([biased, unbiased])
 
 
+@_seeded
 def running_var_estimator() -> dict:
     x = _images(4, 3)
     got, (biased, unbiased) = _estimate(x)
@@ -225,6 +253,7 @@ def running_var_estimator() -> dict:
     }
 
 
+@_seeded
 def fast_variance() -> dict:
     x = _images(4, 3, offset=1e4)
     got, (biased, unbiased) = _estimate(x)
@@ -236,6 +265,7 @@ def fast_variance() -> dict:
     }
 
 
+@_seeded
 def bn_batch_counter() -> dict:
     bn = nn.BatchNorm2d(4)
     names = [n for n, _ in bn.named_buffers()]
@@ -247,6 +277,7 @@ def bn_batch_counter() -> dict:
     }
 
 
+@_seeded
 def batch_of_one_train_mode() -> dict:
     short, long = [], []
     for size in (1, 3):
@@ -282,32 +313,3 @@ def batch_of_one_train_mode() -> dict:
 def _short(error: Exception, limit: int = 110) -> str:
     text = str(error).splitlines()[0] if str(error) else ""
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-_PROBES = {
-    "freeze_stops_bn_stats": freeze_stops_bn_stats,
-    "parent_train_undoes_child_eval": parent_train_undoes_child_eval,
-    "dropout_active_when_frozen": dropout_active_when_frozen,
-    "trainable_false_forces_inference": trainable_false_forces_inference,
-    "bn_default_momentum": bn_default_momentum,
-    "bn_default_epsilon": bn_default_epsilon,
-    "running_var_estimator": running_var_estimator,
-    "fast_variance": fast_variance,
-    "bn_batch_counter": bn_batch_counter,
-    "batch_of_one_train_mode": batch_of_one_train_mode,
-}
-
-
-def probe() -> dict[str, dict]:
-    """Run every PyTorch probe; ``{row id: {"native", "xfer", "detail"}}``.
-
-    Rows that do not apply to PyTorch (Keras's nested ``training`` argument) are absent;
-    the neutral layer shows them as n/a.
-
-    Example:
-        >>> probe()["parent_train_undoes_child_eval"]["native"]   # doctest: +SKIP
-        True
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return run_probes(_PROBES)

@@ -1,0 +1,142 @@
+"""What every backend shares: the rules and tables each backend package would otherwise
+write again. No framework is imported here.
+
+The ResNet layout (which blocks, how wide, which stride) is decided here once, so the three
+reference ResNets cannot drift apart; each backend only turns a :class:`BlockSpec` into its
+framework's layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+from collections.abc import Sequence
+from typing import Any
+
+from xfer._adapter import Adapter, Engine, Models, Units, Weights
+
+# Which module of a backend package implements which contract.
+CONTRACTS = {"units": Units, "weights": Weights, "engine": Engine, "models": Models}
+
+
+def contract_members(protocol: type) -> list[str]:
+    """The names a module must define to implement ``protocol``: its methods, in the order
+    the Protocol declares them, and its data attributes (``Engine.mixed_precision``).
+
+    Example:
+        >>> contract_members(Models)
+        ['small_cnn', 'resnet', 'attach_head']
+    """
+    own = [n for n in vars(protocol) if not n.startswith("_")]
+    methods = [n for n in own if inspect.isfunction(vars(protocol)[n])]
+    return [*methods, *protocol.__annotations__]
+
+
+def assemble(name: str, **modules: types.ModuleType) -> Adapter:
+    """The adapter object of backend ``name``, from its modules ``units``, ``weights``,
+    ``engine`` and ``models``: each defines, as module-level functions (and data), the
+    members of its Protocol under the same names. A missing member is an ``AttributeError``
+    at import, not a failure deep in a training run.
+
+    Example:
+        >>> from xfer.backends.torch import engine, models, units, weights  # doctest: +SKIP
+        >>> ADAPTER = assemble("torch", units=units, weights=weights, engine=engine, models=models)  # doctest: +SKIP
+    """
+    if sorted(modules) != sorted(CONTRACTS):
+        raise TypeError(f"assemble needs the modules {sorted(CONTRACTS)}, got {sorted(modules)}")
+    namespace: dict[str, Any] = {
+        "name": name,
+        "__doc__": f"The {name} adapter (xfer._adapter.Adapter).",
+    }
+    for role, protocol in CONTRACTS.items():
+        module = modules[role]
+        for member in contract_members(protocol):
+            if not hasattr(module, member):
+                raise AttributeError(
+                    f"backend {name!r}: {module.__name__} does not define {member!r}, which "
+                    f"{protocol.__name__} asks for (see docs/adding-a-backend.md)."
+                )
+            value = getattr(module, member)
+            namespace[member] = staticmethod(value) if callable(value) else value
+    adapter = type(f"{name.capitalize()}Adapter", (), namespace)()
+    return adapter
+
+
+# depth -> (blocks per stage, block type); the torchvision / Keras-applications table.
+RESNET_STAGES = {18: ((2, 2, 2, 2), "basic"), 50: ((3, 4, 6, 3), "bottleneck")}
+EXPANSION = {"basic": 1, "bottleneck": 4}  # a block's output channels / its planes
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """One residual block: ``kind`` (``basic`` or ``bottleneck``), ``c_in`` input channels,
+    ``planes`` (the inner width), ``stride`` of its first conv; ``c_out`` output channels;
+    ``downsample``: whether the shortcut needs a 1x1 conv + BN (shape changes)."""
+
+    kind: str
+    c_in: int
+    planes: int
+    stride: int
+
+    @property
+    def c_out(self) -> int:
+        return self.planes * EXPANSION[self.kind]
+
+    @property
+    def downsample(self) -> bool:
+        return self.stride != 1 or self.c_in != self.c_out
+
+
+def resnet_layout(depth: int, width: int) -> tuple[list[list[BlockSpec]], int]:
+    """The blocks of each of the four stages (``layer1``..``layer4``) of the reference
+    ResNet of ``depth`` whose stem has ``width`` channels, and the width of its features.
+
+    Stage ``i`` (from 0) has planes ``width * 2**i``; its first block has stride 2, except
+    in the first stage.
+
+    Example:
+        >>> stages, features = resnet_layout(18, 4)
+        >>> [len(s) for s in stages], stages[1][0].stride, features
+        ([2, 2, 2, 2], 2, 32)
+    """
+    counts, kind = RESNET_STAGES[depth]
+    stages, c_in = [], width
+    for i, count in enumerate(counts):
+        blocks = []
+        for j in range(count):
+            block = BlockSpec(kind, c_in, width * 2**i, 2 if i > 0 and j == 0 else 1)
+            blocks.append(block)
+            c_in = block.c_out
+        stages.append(blocks)
+    return stages, c_in
+
+
+def root_index(own_params: int, has_children: bool) -> int | None:
+    """The index the root of a model gets as a unit, or ``None`` when it is not one.
+
+    The root is a unit only when it has parameters of its own (index -1, before every
+    top-level child), or when it is a single layer with no children (index 0).
+
+    Example:
+        >>> root_index(0, True) is None, root_index(10, True), root_index(0, False)
+        (True, -1, 0)
+    """
+    if not has_children:
+        return 0
+    return -1 if own_params else None
+
+
+def group_of_path(lr_groups: Sequence[tuple[Sequence[str], float]]) -> dict[str, int]:
+    """``{unit path: index of its learning-rate group}``; a unit in several groups belongs
+    to the first (``StepOptions.lr_groups``).
+
+    Example:
+        >>> group_of_path([(["head"], 1e-3), (["head", "base"], 1e-5)])
+        {'head': 0, 'base': 1}
+    """
+    found: dict[str, int] = {}
+    for i, (paths, _) in enumerate(lr_groups):
+        for path in paths:
+            found.setdefault(path, i)
+    return found

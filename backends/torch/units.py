@@ -1,0 +1,171 @@
+"""The units of a torch model and the two switches: ``requires_grad`` and mode pins.
+
+A unit is a submodule (``named_modules``); its own parameters are its ``_parameters``, not
+its children's. A pinned mode is ``module._xfer_mode`` plus a forward pre-hook that sets
+``module.training`` back to it right before the module computes: ``model.train()`` recurses
+into every child and overwrites ``training``, so nothing else would survive it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.dropout import _DropoutNd
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from xfer._adapter import Mode, Unit
+from xfer.backends._common import root_index
+
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm, _InstanceNorm)
+
+# torch layers whose computation depends on train/eval (dropout inside RNNs and attention).
+MODE_DEPENDENT = (
+    _BatchNorm,
+    _DropoutNd,
+    _InstanceNorm,
+    nn.RNNBase,
+    nn.MultiheadAttention,
+    nn.Transformer,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+
+PIN = "_xfer_mode"  # the attribute that holds a module's pinned mode
+BN_STATS = ("running_mean", "running_var")
+
+
+def kind(native: nn.Module) -> str:
+    """The unit kind (``xfer._adapter.KINDS``) of a module.
+
+    Example:
+        >>> kind(nn.BatchNorm2d(4)), kind(nn.Sequential(nn.ReLU())), kind(nn.ReLU())
+        ('batchnorm', 'container', 'other')
+    """
+    if isinstance(native, _BatchNorm):
+        return "batchnorm"
+    if isinstance(native, _DropoutNd):
+        return "dropout"
+    if isinstance(native, _ConvNd):
+        return "conv"
+    if isinstance(native, (nn.Linear, nn.Bilinear)):
+        return "dense"
+    if isinstance(native, NORMS):
+        return "norm"
+    if next(native.children(), None) is not None and not native._parameters:
+        return "container"
+    return "other"
+
+
+def own_params(native: nn.Module) -> list[nn.Parameter]:
+    """The module's own parameters, not its children's.
+
+    Example:
+        >>> [tuple(p.shape) for p in own_params(nn.Linear(3, 2))]
+        [(2, 3), (2,)]
+    """
+    return [p for p in native._parameters.values() if p is not None]
+
+
+def _apply_pin(module: nn.Module, args) -> None:
+    # A module-level function, so models with pins still pickle and deepcopy.
+    mode = module.__dict__.get(PIN)
+    if mode is not None:
+        module.training = mode == "train"
+
+
+@contextlib.contextmanager
+def modes_restored(model: nn.Module, *, lift_pins: bool = False) -> Iterator[None]:
+    """Every module's ``training`` flag as it was after the block; with ``lift_pins``, the
+    pins are lifted inside it (a BN pinned to "train" would learn from a probe batch) and
+    put back after.
+
+    Example:
+        >>> model = nn.Sequential(nn.Dropout())
+        >>> with modes_restored(model):
+        ...     _ = model.eval()
+        >>> model[0].training
+        True
+    """
+    flags = {module: module.training for module in model.modules()}
+    pins = {m: m.__dict__.pop(PIN) for m in flags if lift_pins and PIN in m.__dict__}
+    try:
+        yield
+    finally:
+        for module, training in flags.items():
+            module.training = training
+        for module, mode in pins.items():
+            module.__dict__[PIN] = mode
+
+
+# --- Units (xfer._adapter.Units) -------------------------------------------------------------
+
+
+def units(model: nn.Module) -> list[Unit]:
+    top = {name: i for i, (name, _) in enumerate(model.named_children())}
+    found = []
+    for path, module in model.named_modules():
+        n_params = sum(p.numel() for p in own_params(module))
+        if path == "":
+            index = root_index(n_params, bool(top))
+            if index is None:
+                continue
+        else:
+            index = top[path.split(".")[0]]
+        params = tuple(n for n, p in module._parameters.items() if p is not None)
+        stats = BN_STATS if isinstance(module, _BatchNorm) else ()
+        found.append(Unit(path, kind(module), index, n_params, module, model, params, stats))
+    return found
+
+
+def chain(model: nn.Module) -> list[nn.Module] | None:
+    if type(model) is nn.Sequential:
+        return list(model.children())
+    names = getattr(type(model), "xfer_chain", None)
+    return None if names is None else [getattr(model, name) for name in names]
+
+
+def mode_free(unit: Unit) -> bool:
+    module = unit.native
+    if isinstance(module, MODE_DEPENDENT):
+        return False
+    # torch's own layers other than those, and xfer's, which only call their children.
+    return type(module).__module__.startswith(("torch.nn.modules.", f"{__package__}."))
+
+
+def param_counts(unit: Unit) -> tuple[int, int]:
+    params = own_params(unit.native)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return trainable, sum(p.numel() for p in params) - trainable
+
+
+def set_trainable(unit: Unit, trainable: bool) -> None:
+    for p in own_params(unit.native):
+        p.requires_grad_(trainable)
+        if not trainable:
+            # A stale (even zero) gradient makes AdamW/SGD still apply weight decay
+            # and momentum; optimizers skip parameters whose grad is None.
+            p.grad = None
+
+
+def get_mode(unit: Unit) -> Mode:
+    return unit.native.__dict__.get(PIN) or "inherit"
+
+
+def set_mode(unit: Unit, mode: Mode) -> None:
+    module = unit.native
+    hooks = module._forward_pre_hooks
+    registered = [k for k, h in hooks.items() if h is _apply_pin]
+    if mode == "inherit":
+        module.__dict__.pop(PIN, None)
+        for key in registered:
+            del hooks[key]
+        module.training = unit.root.training
+        return
+    setattr(module, PIN, mode)
+    module.training = mode == "train"
+    if not registered:
+        module.register_forward_pre_hook(_apply_pin)
