@@ -1,0 +1,166 @@
+"""Training and inference with Flax NNX's own tools: ``nnx.Optimizer``, optax, ``nnx.jit``.
+
+Every step is the Flax docs loop: an ``nnx.Optimizer`` over ``nnx.Param`` (frozen
+parameters are :class:`~xfer.backends.flax.Frozen`, not Params, so they get no gradient
+and no optimizer state), ``model.train()``, a jitted ``nnx.value_and_grad`` step. JAX
+places arrays on its default device itself.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from xfer._adapter import ADAM_EPSILON, MOMENTUM, StepOptions
+from xfer.backends._common import group_of_path
+from xfer.backends.flax.units import MODE_ATTRIBUTES
+from xfer.data import PREDICT_CHUNK, inference_chunks
+
+mixed_precision = (
+    "Flax NNX modules choose their computation dtype when built. Build them with "
+    "dtype=jnp.bfloat16 (parameters stay float32, param_dtype) and train with xfer's "
+    "default precision='float32'."
+)
+
+# optax transformations by xfer._adapter.OPTIMIZERS name: (learning rate, weight decay).
+_OPTIMIZERS = {
+    "sgd": lambda lr, wd: optax.sgd(lr),
+    "momentum": lambda lr, wd: optax.sgd(lr, momentum=MOMENTUM),
+    "adam": lambda lr, wd: optax.adam(lr, eps=ADAM_EPSILON),
+    "adamw": lambda lr, wd: optax.adamw(lr, eps=ADAM_EPSILON, weight_decay=wd),
+}
+
+
+def _cross_entropy(model, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+
+@nnx.jit
+def _train_step(model, optimizer, x, y):
+    loss, grads = nnx.value_and_grad(_cross_entropy)(model, x, y)
+    optimizer.update(model, grads)
+    return loss
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _infer(graphdef, rngs, rest, x):
+    # The modes are static graph data (pinned subclasses, use_running_average): a change of
+    # state is another graphdef, which retraces. Only the RNG state changes in inference.
+    model = nnx.merge(graphdef, rngs, rest)
+    return model(x), nnx.state(model, nnx.RngState)
+
+
+def _labels(group_of: dict[str, str], params):
+    """optax.multi_transform labels: each parameter's group, found from its unit path."""
+
+    def label(keypath, _):
+        keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keypath]
+        if keys and keys[-1] == "value":  # the leaf inside a Variable
+            keys = keys[:-1]
+        return group_of.get(".".join(keys[:-1]), "default")
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _transform(options: StepOptions) -> optax.GradientTransformation:
+    """The optax transformation of ``options``: one per learning rate, chosen per parameter
+    by its unit path when there are learning-rate groups."""
+    make = _OPTIMIZERS[options.optimizer]
+    tx = make(options.lr, options.weight_decay)
+    if not options.lr_groups:
+        return tx
+    group_of = {path: f"group{i}" for path, i in group_of_path(options.lr_groups).items()}
+    transforms = {"default": tx}
+    for i, (_, group_lr) in enumerate(options.lr_groups):
+        transforms[f"group{i}"] = make(group_lr, options.weight_decay)
+    return optax.multi_transform(transforms, functools.partial(_labels, group_of))
+
+
+# --- the Engine contract -----------------------------------------------------------------
+
+
+def fit(model, x, y, *, epochs, batch_size, lr, weight_decay) -> list[float]:
+    # The Flax docs loop, with no xfer code in it: an Optimizer over nnx.Param,
+    # nnx.value_and_grad (default nnx.Param) and model.train() every epoch.
+    optimizer = nnx.Optimizer(model, optax.adamw(lr, weight_decay=weight_decay), wrt=nnx.Param)
+    xs, ys = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
+    losses = []
+    for _ in range(epochs):
+        model.train()
+        total = 0.0
+        for i in range(0, len(xs), batch_size):
+            loss = _train_step(model, optimizer, xs[i : i + batch_size], ys[i : i + batch_size])
+            total += float(loss) * len(ys[i : i + batch_size])
+        losses.append(total / len(ys))
+    return losses
+
+
+def trainer(model: nnx.Module, options: StepOptions) -> Callable[[object, object], float]:
+    # The step is nnx.jit-compiled whatever ``compile_step`` says; ``precision`` is
+    # always float32 here (the pipeline refuses others, see ``mixed_precision``).
+    tx = _transform(options)
+    # Built compiled: eagerly, each zeros_like of the optimizer state compiles on its own.
+    opt = nnx.jit(lambda m: nnx.Optimizer(m, tx, wrt=nnx.Param))(model)
+
+    def step(x, y) -> float:
+        model.train()
+        if isinstance(x, np.ndarray):
+            # Converted on the host: jnp.asarray(labels, int32) compiles a conversion.
+            x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
+        return float(_train_step(model, opt, x, y))
+
+    return step
+
+
+def to_device(model, x, y):
+    return jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
+
+
+def predict(model, x, *, batch_size=PREDICT_CHUNK) -> np.ndarray:
+    model.eval()
+    # Compiled, on padded chunks: one compilation per module state instead of one per
+    # operation (eager JAX compiles every new primitive shape). The model is split once
+    # (Flax's functional API), not by nnx.jit on every chunk: that walk of the module
+    # graph cost as much as a ResNet-18's forward on 32 small images.
+    graphdef, rngs, rest = nnx.split(model, nnx.RngState, ...)
+    out = []
+    for c, n in inference_chunks(x, pad=True, size=batch_size):
+        logits, rngs = _infer(graphdef, rngs, rest, jnp.asarray(c))
+        out.append(np.asarray(logits)[:n])
+    nnx.update(model, rngs)  # a Dropout pinned to training draws new masks next time
+    return np.concatenate(out)
+
+
+def place(model: nnx.Module, device: str) -> str:
+    # JAX puts arrays on its default device itself.
+    actual = "cuda" if jax.default_backend() == "gpu" else "cpu"
+    if device not in ("auto", actual):
+        raise ValueError(
+            f"device={device!r}, but JAX's default device here is {actual}. Use "
+            "device='auto', or choose the device before starting Python (JAX_PLATFORMS=cpu "
+            "or JAX_PLATFORMS=cuda)."
+        )
+    return actual
+
+
+def output_shape(model, x) -> tuple[int, ...]:
+    # A probe must not change the model: eval() sets use_running_average/deterministic
+    # everywhere, and a fit refused after the probe would leave them set.
+    saved = [
+        (module, name, getattr(module, name))
+        for _, module in nnx.iter_modules(model)
+        for name in MODE_ATTRIBUTES
+        if name in vars(module)
+    ]
+    try:
+        model.eval()
+        return nnx.eval_shape(lambda m, x: m(x), model, jnp.asarray(x, jnp.float32)).shape
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
