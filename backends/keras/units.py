@@ -96,7 +96,14 @@ def producer(tensor) -> tuple:
 
 
 def own_params(layer) -> list:
-    """The layer's own parameters, frozen or not (BN: gamma and beta)."""
+    """The layer's own parameters, frozen or not.
+
+    Example:
+        >>> bn = keras.layers.BatchNormalization()
+        >>> bn.build((None, 4))
+        >>> [v.name for v in own_params(bn)], [v.name for v in own_variables(bn)][2:]
+        (['gamma', 'beta'], ['moving_mean', 'moving_variance'])
+    """
     return tracked_variables(layer)[0]
 
 
@@ -111,6 +118,13 @@ def _size(variables) -> int:
 
 
 def kind(layer) -> str:
+    """The unit kind of a layer (one of ``xfer._adapter.KINDS``).
+
+    Example:
+        >>> layers = keras.layers.Conv2D(4, 3), keras.layers.ReLU()
+        >>> [kind(x) for x in (*layers, keras.Sequential([keras.layers.Dense(2)]))]
+        ['conv', 'other', 'container']
+    """
     if isinstance(layer, L.BatchNormalization):
         return "batchnorm"
     if isinstance(layer, _DROPOUTS):
