@@ -230,3 +230,141 @@ def test_state_ops_work_on_layers_whose_names_have_a_dot(kit):
     xfer.set_bn(model, "affine")
     bns = [u for u in xfer._adapter.find_adapter(model).units(model) if u.is_bn]
     assert bns and all(u.native.gamma.trainable for u in bns)
+
+
+# --- The private Keras API the backend relies on -------------------------------------------
+# backends/keras/units.py ("Keras private API") and engine.scale_learning_rates use a few
+# Keras internals for want of a public API. Each test below fails, naming the internal,
+# when a Keras release changes what the backend relies on; KERAS_TESTED is the range they
+# passed on.
+
+
+def test_the_installed_keras_is_in_the_range_the_private_api_was_checked_for(kit):
+    import keras
+
+    from xfer.backends.keras import KERAS_TESTED, untested_keras
+
+    assert untested_keras(keras.__version__) is None, (
+        f"Keras {keras.__version__} is outside KERAS_TESTED={KERAS_TESTED}: once the "
+        "test_private_keras_* tests pass on it, widen the range"
+    )
+    message = untested_keras("3.16.0")
+    assert "Keras 3.16.0 is outside" in message and ">= 3.8, < 3.16" in message
+    assert untested_keras("3.7.1") and untested_keras("3.16.0.dev2026") and untested_keras("4.0")
+
+
+def test_private_keras_own_variable_lists_keep_the_flag_a_variable_was_created_with(kit):
+    import keras
+
+    from xfer.backends.keras import units
+
+    bn = keras.layers.BatchNormalization()
+    bn.build((None, 4))
+    bn.gamma.trainable = False  # a frozen parameter is still a parameter
+    params, buffers = units.tracked_variables(bn)
+    assert [v.name for v in params] == ["gamma", "beta"], "Layer._trainable_variables changed"
+    assert [v.name for v in buffers] == ["moving_mean", "moving_variance"], (
+        "Layer._non_trainable_variables changed"
+    )
+    model = keras.Sequential([keras.Input((4,)), bn])
+    assert units.tracked_variables(model) == ([], []), "they now hold sublayers' variables"
+
+
+def test_private_keras_sublayers_of_a_plain_layer(kit):
+    import keras
+
+    from xfer.backends.keras import units
+
+    class Pair(keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self.first = keras.layers.Dense(2)
+            self.second = keras.layers.Dense(2)
+
+    pair = Pair()
+    assert units.children(pair) == [pair.first, pair.second], "Layer._layers changed"
+    dense = keras.layers.Dense(2)
+    assert units.children(keras.Sequential([keras.Input((3,)), dense])) == [dense]
+
+
+def test_private_keras_own_trainable_flag_without_the_setters_recursion(kit):
+    import keras
+
+    from xfer.backends.keras import units
+
+    x = data()[0].reshape(-1, 3)
+    bn = keras.layers.BatchNormalization()
+    bn.build(x.shape)
+    units.set_own_trainable(bn, False)
+    assert not bn.trainable, "Layer._trainable no longer backs Layer.trainable"
+    assert bn.gamma.trainable and bn.beta.trainable, "the variables' flags changed with it"
+    mean = keras.ops.convert_to_numpy(bn.moving_mean).copy()
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(bn(x, training=True)),
+        keras.ops.convert_to_numpy(bn(x, training=False)),
+        err_msg="BN with its own trainable False no longer runs in inference",
+    )
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(bn.moving_mean), mean)
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    units.set_own_trainable(model, False)
+    assert model.layers[0].trainable and not model.trainable_variables
+    units.set_own_trainable(model, True)
+    assert len(model.trainable_variables) == 2, "a model's own flag no longer gates its variables"
+
+
+def test_private_keras_the_call_that_made_a_symbolic_tensor(kit):
+    import keras
+
+    from xfer.backends.keras import units
+
+    shared = keras.layers.Dense(2)
+    first = keras.Input((3,))
+    shared(first)  # its first call, in another graph
+    inputs = keras.Input((3,))
+    operation, called_on = units.producer(shared(inputs))
+    assert operation is shared and len(called_on) == 1 and called_on[0] is inputs, (
+        "KerasTensor._keras_history or Operation._inbound_nodes changed"
+    )
+    assert shared.input is first  # why the public Operation.input does not do
+
+
+def test_private_keras_optimizer_update_step_takes_a_learning_rate_per_group(kit):
+    import keras
+
+    from xfer.backends.keras import engine
+
+    a, b = (keras.Variable(np.ones(3, "float32")) for _ in range(2))
+    for optimizer in (keras.optimizers.SGD(0.1), keras.optimizers.Adam(0.1)):
+        # Adam's first step is lr * sign(gradient): a rate, not a gradient, was scaled.
+        engine.scale_learning_rates(optimizer, {id(b): 3.0})
+        before = [keras.ops.convert_to_numpy(v).copy() for v in (a, b)]
+        optimizer.apply_gradients([(keras.ops.ones(3), a), (keras.ops.ones(3), b)])
+        moved = [before[i] - keras.ops.convert_to_numpy(v) for i, v in enumerate((a, b))]
+        np.testing.assert_allclose(
+            moved,
+            [np.full(3, 0.1), np.full(3, 0.3)],
+            rtol=1e-4,
+            err_msg=f"{type(optimizer).__name__}._backend_update_step no longer takes every "
+            "variable's update with the learning rate",
+        )
+
+
+def test_private_keras_module_layout_that_mode_free_reads(kit):
+    import keras
+
+    from xfer.backends.keras import units
+
+    L = keras.layers
+    dependent = [L.BatchNormalization, L.Dropout, L.LSTM, L.MultiHeadAttention, L.RandomFlip]
+    for prefix in units.MODE_DEPENDENT:
+        assert any(c.__module__.startswith(prefix) for c in dependent), f"{prefix} moved"
+    for layer in (L.Conv2D, L.Dense, L.GlobalAveragePooling2D, L.ReLU, L.LayerNormalization):
+        module = layer.__module__
+        assert module.startswith("keras.src.layers.") and not module.startswith(
+            units.MODE_DEPENDENT
+        ), f"{layer.__name__} is in {module}"
+    model = kit.model()
+    assert type(model).__module__.startswith("keras.src.models.")
+    found = {u.path: u for u in units.units(model)}
+    assert units.mode_free(found["base.block1"]) and not units.mode_free(found["base.block1.bn"])

@@ -93,7 +93,7 @@ def test_compile_step_gives_the_eager_numbers(kit):
 def test_a_step_takes_batches_already_on_the_device(kit):
     # What the pipeline does on a GPU: the arrays go to the device once, batches are indexed
     # there with numpy indices, and the step takes them as it takes numpy batches.
-    from xfer._adapter import find_adapter
+    from xfer._adapter import StepOptions, find_adapter
 
     x, y = data(16)
     index = np.arange(16)[::-1].copy()
@@ -102,7 +102,7 @@ def test_a_step_takes_batches_already_on_the_device(kit):
         model = kit.model(seed=3, dropout=0.0)
         adapter = find_adapter(model)
         xfer.pipeline.apply_stage(model, _stages()[1], adapter)
-        step = adapter.trainer(model, optimizer="momentum", lr=0.01, weight_decay=0.0, lr_groups=[])
+        step = adapter.trainer(model, StepOptions("momentum", 0.01))
         if on_device:
             x_all, y_all = adapter.to_device(model, x, y)
             batch = (x_all[index], y_all[index])

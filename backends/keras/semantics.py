@@ -1,7 +1,8 @@
 """What Keras 3's own switches do, measured on tiny fresh models; the same probes through xfer.
 
-Each probe returns ``{"native": value, "xfer": value, "detail": str}`` for one row of
-``xfer.semantics.ROWS``; nothing is assumed about the installed version. Keras reads
+Each probe is the function named like its row of ``xfer.semantics.ROWS`` (which
+``xfer.semantics.probe(module)`` finds and runs) and returns ``{"native": value, "xfer":
+value, "detail": str}``; nothing is assumed about the installed version. Keras reads
 ``KERAS_BACKEND`` once per process, so this measures the engine of this process only
 (``xfer.semantics`` runs the other engine in a subprocess). Every probe builds fresh layers
 and seeds its own Dropout, so the global seed is never touched.
@@ -17,7 +18,6 @@ import numpy as np
 
 import xfer
 from xfer import select as S
-from xfer.semantics import run_probes
 
 L = keras.layers
 _SHAPE = (6, 6, 3)
@@ -313,33 +313,3 @@ def batch_of_one_train_mode() -> dict:
         "xfer": held,
         "detail": "BatchNormalization(training=True), one image of HxWx3",
     }
-
-
-_PROBES = {
-    "freeze_stops_bn_stats": freeze_stops_bn_stats,
-    "parent_train_undoes_child_eval": parent_train_undoes_child_eval,
-    "outer_training_overrides_inner_false_functional": (
-        outer_training_overrides_inner_false_functional
-    ),
-    "outer_training_overrides_inner_false_subclassed": (
-        outer_training_overrides_inner_false_subclassed
-    ),
-    "dropout_active_when_frozen": dropout_active_when_frozen,
-    "trainable_false_forces_inference": trainable_false_forces_inference,
-    "bn_default_momentum": bn_default_momentum,
-    "bn_default_epsilon": bn_default_epsilon,
-    "running_var_estimator": running_var_estimator,
-    "fast_variance": fast_variance,
-    "bn_batch_counter": bn_batch_counter,
-    "batch_of_one_train_mode": batch_of_one_train_mode,
-}
-
-
-def probe() -> dict[str, dict]:
-    """Run every Keras probe on this process's engine; ``{row id: {"native", "xfer", "detail"}}``.
-
-    Example:
-        >>> probe()["outer_training_overrides_inner_false_functional"]["native"]  # doctest: +SKIP
-        True
-    """
-    return run_probes(_PROBES)

@@ -1,0 +1,318 @@
+"""Keras 3 reference models and new heads, built as the Keras transfer-learning guide
+builds them: a functional ``base`` called with ``training=False`` inside a functional
+model (the nesting whose ``training=False`` an outer ``fit()`` overrides, DESIGN §1.3);
+the ``Models`` members.
+
+xfer's own layers keep their sublayers in their config, so that the sublayers'
+``trainable`` flags (BN "frozen" included) survive ``.keras``; they are registered under
+the package ``xfer`` with their names of the first release (``xfer>_Block``...), which
+saved files refer to.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from xfer.backends._common import resnet_layout
+
+L = keras.layers
+
+
+@keras.saving.register_keras_serializable(package="xfer")
+class _Block(keras.layers.Layer):
+    """conv -> BN -> ReLU for ``small_cnn``."""
+
+    def __init__(self, filters: int, conv=None, bn=None, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        load = keras.saving.deserialize_keras_object
+        self.conv = load(conv) if conv else L.Conv2D(filters, 3, padding="same")
+        self.bn = load(bn) if bn else L.BatchNormalization(epsilon=1e-3, momentum=0.9)
+
+    def build(self, input_shape):
+        if not self.conv.built:  # deserialized sublayers arrive built
+            self.conv.build(input_shape)
+        if not self.bn.built:
+            self.bn.build((*input_shape[:-1], self.filters))
+
+    def call(self, x, training=None):
+        return keras.ops.relu(self.bn(self.conv(x)))
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.filters)
+
+    def get_config(self):
+        save = keras.saving.serialize_keras_object
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "conv": save(self.conv),
+            "bn": save(self.bn),
+        }
+
+
+# The head's pooling by the rank of the base's output: spatial axes averaged, (batch,
+# features) passed through.
+_POOLS = {
+    2: L.Identity,
+    3: L.GlobalAveragePooling1D,
+    4: L.GlobalAveragePooling2D,
+    5: L.GlobalAveragePooling3D,
+}
+
+
+def _input_shape(base) -> tuple:
+    """The image shape of a functional or Sequential base; an error for a subclassed one."""
+    try:
+        inputs = base.inputs
+    except (AttributeError, ValueError):
+        inputs = None
+    if not inputs:
+        raise ValueError(
+            f"attach_head: the base {base.name!r} ({type(base).__name__}) has no defined "
+            "input, so its output shape is unknown. Pass input_shape=(height, width, "
+            "channels), e.g. input_shape=(224, 224, 3), or build the base functionally "
+            "(keras.applications models are)."
+        )
+    if len(inputs) != 1:
+        raise ValueError(
+            f"attach_head: the base {base.name!r} has {len(inputs)} inputs; the transfer head "
+            "expects a base that takes one image batch."
+        )
+    return tuple(inputs[0].shape[1:])
+
+
+# --- ResNet (xfer.models.resnet) -----------------------------------------------------------
+# Convs pad explicitly and symmetrically (keras.ops.pad, then "valid"): "same" with stride 2
+# pads asymmetrically in TF/JAX, unlike PyTorch. Padding and ReLU are ops, not layers, so
+# that the units are the same as in the PyTorch and Flax models.
+
+
+def _pad(x, p: int):
+    return x if p == 0 else keras.ops.pad(x, [[0, 0], [p, p], [p, p], [0, 0]])
+
+
+def _padded(shape, p: int) -> tuple:
+    grow = lambda d: None if d is None else d + 2 * p  # noqa: E731
+    return (shape[0], grow(shape[1]), grow(shape[2]), shape[3])
+
+
+def _build_part(layer, shape) -> tuple:
+    if not layer.built:  # deserialized sublayers arrive built
+        layer.build(shape)
+    return layer.compute_output_shape(shape)
+
+
+class _Parts(keras.layers.Layer):
+    """A layer of named sublayers kept in its config (as ``_Block``), so that their
+    ``trainable`` flags survive ``.keras``. ``_parts()`` makes fresh ones: name -> layer."""
+
+    PARTS: tuple[str, ...] = ()
+
+    def __init__(self, filters: int, stride: int = 1, downsample: bool = False, **kwargs):
+        configs = {name: kwargs.pop(name, None) for name in self.PARTS}
+        super().__init__(**kwargs)
+        self.filters, self.stride, self.has_downsample = filters, stride, downsample
+        fresh = self._parts()
+        for name in self.PARTS:
+            config = configs[name]
+            part = keras.saving.deserialize_keras_object(config) if config else fresh[name]
+            setattr(self, name, part)
+
+    def _parts(self) -> dict:
+        raise NotImplementedError
+
+    def get_config(self):
+        save = keras.saving.serialize_keras_object
+        parts = {n: save(getattr(self, n)) for n in self.PARTS if getattr(self, n) is not None}
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "stride": self.stride,
+            "downsample": self.has_downsample,
+            **parts,
+        }
+
+
+def _rconv(filters: int, kernel: int, stride: int = 1):
+    return L.Conv2D(filters, kernel, strides=stride, padding="valid", use_bias=False)
+
+
+def _rbn():
+    return L.BatchNormalization(epsilon=1e-3, momentum=0.9)
+
+
+@keras.saving.register_keras_serializable(package="xfer")
+class _ResNetStem(_Parts):
+    PARTS = ("conv", "bn")
+
+    def _parts(self):
+        return {"conv": _rconv(self.filters, 7, 2), "bn": _rbn()}
+
+    def build(self, input_shape):
+        _build_part(self.bn, _build_part(self.conv, _padded(input_shape, 3)))
+
+    def call(self, x, training=None):
+        x = keras.ops.relu(self.bn(self.conv(_pad(x, 3)), training=training))
+        # Zero padding is -inf padding here: the input is a ReLU output.
+        return keras.ops.max_pool(_pad(x, 1), 3, 2, padding="valid")
+
+
+@keras.saving.register_keras_serializable(package="xfer")
+class _ResNetDownsample(_Parts):
+    PARTS = ("conv", "bn")
+
+    def _parts(self):
+        return {"conv": _rconv(self.filters, 1, self.stride), "bn": _rbn()}
+
+    def build(self, input_shape):
+        _build_part(self.bn, _build_part(self.conv, input_shape))
+
+    def call(self, x, training=None):
+        return self.bn(self.conv(x), training=training)
+
+
+@keras.saving.register_keras_serializable(package="xfer")
+class _ResNetBasicBlock(_Parts):
+    PARTS = ("conv1", "bn1", "conv2", "bn2", "downsample")
+
+    def _parts(self):
+        f, s = self.filters, self.stride
+        down = _ResNetDownsample(f, s) if self.has_downsample else None
+        return {
+            "conv1": _rconv(f, 3, s),
+            "bn1": _rbn(),
+            "conv2": _rconv(f, 3),
+            "bn2": _rbn(),
+            "downsample": down,
+        }
+
+    def build(self, input_shape):
+        shape = _build_part(self.bn1, _build_part(self.conv1, _padded(input_shape, 1)))
+        _build_part(self.bn2, _build_part(self.conv2, _padded(shape, 1)))
+        if self.downsample is not None and not self.downsample.built:
+            self.downsample.build(input_shape)
+
+    def call(self, x, training=None):
+        out = keras.ops.relu(self.bn1(self.conv1(_pad(x, 1)), training=training))
+        out = self.bn2(self.conv2(_pad(out, 1)), training=training)
+        shortcut = x if self.downsample is None else self.downsample(x, training=training)
+        return keras.ops.relu(out + shortcut)
+
+
+@keras.saving.register_keras_serializable(package="xfer")
+class _ResNetBottleneck(_Parts):
+    PARTS = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample")
+
+    def _parts(self):
+        f, s = self.filters, self.stride
+        down = _ResNetDownsample(4 * f, s) if self.has_downsample else None
+        return {
+            "conv1": _rconv(f, 1),
+            "bn1": _rbn(),
+            "conv2": _rconv(f, 3, s),
+            "bn2": _rbn(),
+            "conv3": _rconv(4 * f, 1),
+            "bn3": _rbn(),
+            "downsample": down,
+        }
+
+    def build(self, input_shape):
+        shape = _build_part(self.bn1, _build_part(self.conv1, input_shape))
+        shape = _build_part(self.bn2, _build_part(self.conv2, _padded(shape, 1)))
+        _build_part(self.bn3, _build_part(self.conv3, shape))
+        if self.downsample is not None and not self.downsample.built:
+            self.downsample.build(input_shape)
+
+    def call(self, x, training=None):
+        out = keras.ops.relu(self.bn1(self.conv1(x), training=training))
+        out = keras.ops.relu(self.bn2(self.conv2(_pad(out, 1)), training=training))
+        out = self.bn3(self.conv3(out), training=training)
+        shortcut = x if self.downsample is None else self.downsample(x, training=training)
+        return keras.ops.relu(out + shortcut)
+
+
+_BLOCKS = {"basic": _ResNetBasicBlock, "bottleneck": _ResNetBottleneck}  # BlockSpec.kind
+
+
+# --- Models members --------------------------------------------------------------------------
+
+
+def small_cnn(num_classes: int, in_channels: int, *, width: int, dropout: float, seed: int):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((None, None, in_channels))
+    x = _Block(width, name="block1")(inputs)
+    x = _Block(width, name="block2")(x)
+    x = L.Dropout(dropout, name="drop")(x)
+    base = keras.Model(inputs, L.GlobalAveragePooling2D(name="pool")(x), name="base")
+    head = keras.Sequential(
+        [
+            keras.Input((width,)),
+            L.Dropout(dropout, name="drop"),
+            L.Dense(num_classes, name="dense"),
+        ],
+        name="head",
+    )
+    inputs = keras.Input((None, None, in_channels))
+    # The transfer-learning guide's nested call, whose training=False fit() overrides.
+    return keras.Model(inputs, head(base(inputs, training=False)), name="small_cnn")
+
+
+def resnet(depth: int, num_classes: int, in_channels: int, *, width: int, seed: int):
+    keras.utils.set_random_seed(seed)
+    stages, features = resnet_layout(depth, width)
+    inputs = keras.Input((None, None, in_channels))
+    x = _ResNetStem(width, name="stem")(inputs)
+    for i, blocks in enumerate(stages):
+        # Blocks named "0", "1", ...: a Sequential's units are named by layer name.
+        layers = [
+            _BLOCKS[b.kind](b.planes, b.stride, b.downsample, name=str(j))
+            for j, b in enumerate(blocks)
+        ]
+        x = keras.Sequential(layers, name=f"layer{i + 1}")(x)
+    base = keras.Model(inputs, L.GlobalAveragePooling2D(name="pool")(x), name="base")
+    head = keras.Sequential(
+        [keras.Input((features,)), L.Dense(num_classes, name="dense")], name="head"
+    )
+    inputs = keras.Input((None, None, in_channels))
+    return keras.Model(inputs, head(base(inputs, training=False)), name=f"resnet{depth}")
+
+
+def attach_head(base, num_classes, *, dropout, input_shape, seed):
+    shape = input_shape or _input_shape(base)
+    inputs = keras.Input(shape)
+    try:
+        # The guide's nested call; xfer's pins, not this training=False, decide the mode.
+        features = base(inputs, training=False)
+    except Exception as error:
+        reason = str(error).rstrip(".")
+        raise ValueError(
+            f"attach_head: the base does not accept images of shape {shape}: {reason}. "
+            "input_shape must be one channels-last image (height, width, channels)."
+        ) from error
+    rank = len(getattr(features, "shape", ()))
+    if rank not in _POOLS:
+        raise ValueError(
+            f"attach_head: the base must return one tensor, (batch, *spatial, channels) "
+            f"or (batch, features), got {getattr(features, 'shape', type(features))}. "
+            "Build the base with include_top=False (keras.applications) or wrap it in "
+            "a model that returns the feature map the head should pool."
+        )
+    head = keras.Sequential(
+        [
+            keras.Input(tuple(features.shape[1:])),
+            _POOLS[rank](name="pool"),
+            L.Dropout(dropout, seed=seed, name="drop"),
+            L.Dense(
+                num_classes,
+                kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
+                name="dense",
+            ),
+        ],
+        name="head",
+    )
+    original = base.name
+    # A functional model knows its layers by name: the name gives the paths base.**,
+    # and the .keras config keeps it (an attribute would be lost on loading).
+    base.name = "base"
+    return keras.Model(inputs, head(features), name=f"{original}_with_head")
