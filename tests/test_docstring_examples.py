@@ -14,7 +14,7 @@ MODULES = [
     "xfer.data",
     "xfer.files",
     "xfer.fingerprint",
-    "xfer.interrupt",
+    "xfer.pipeline.interrupt",
     "xfer.report",
     "xfer.subprocesses",
     "xfer.checkpoint",

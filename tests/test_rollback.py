@@ -13,7 +13,7 @@ import xfer
 from kits import data
 from xfer import select as S
 from xfer._adapter import find_adapter
-from xfer.rollback import Rollback
+from xfer.pipeline.rollback import Rollback
 
 
 def _other_weights(kit):

@@ -389,8 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--format", choices=("text", "json"), default="text")
     pretrain.add_argument("--quiet", action="store_true", help="no progress lines")
     pretrain.set_defaults(run=cmd_pretrain)
+    from xfer.pipeline.presets import PRESETS
     from xfer.policy import PRESETS as BN_PRESETS
-    from xfer.presets import PRESETS
 
     for name, handler in (("run", cmd_run), ("compare", cmd_compare)):
         sub = commands.add_parser(name, help=handler.__doc__)
