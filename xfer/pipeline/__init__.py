@@ -4,8 +4,8 @@ feature cache.
 - :mod:`~xfer.pipeline.stage`: :class:`Stage`, and applying or checking one on a model;
 - :mod:`~xfer.pipeline.presets`: the common recipes as lists of stages;
 - :mod:`~xfer.pipeline.loop`: :class:`TransferPipeline`, the stage loop;
-- :mod:`~xfer.pipeline.callbacks`: :class:`Callback`, and the built-ins :class:`Progress`,
-  :class:`NaNRollback` and :class:`Checkpointing`;
+- :mod:`~xfer.pipeline.callbacks`: :class:`Callback`, and the built-ins :class:`Progress`
+  and :class:`NaNRollback`; :mod:`~xfer.pipeline.checkpointing`: :class:`Checkpointing`;
 - :mod:`~xfer.pipeline.history`: what a run records;
 - :mod:`~xfer.pipeline.preflight`: what is checked before anything changes;
 - :mod:`~xfer.pipeline.cache`, :mod:`~xfer.pipeline.rollback`,
@@ -19,15 +19,8 @@ Example:
 """
 
 from xfer.pipeline import presets
-from xfer.pipeline.callbacks import (
-    Callback,
-    Checkpointing,
-    EpochProgress,
-    Interrupted,
-    NaNRollback,
-    NonFiniteLoss,
-    Progress,
-)
+from xfer.pipeline.callbacks import Callback, EpochProgress, NaNRollback, NonFiniteLoss, Progress
+from xfer.pipeline.checkpointing import Checkpointing, Interrupted
 from xfer.pipeline.history import EpochRecord, History, StageRecord
 from xfer.pipeline.loop import TransferPipeline, evaluate
 from xfer.pipeline.stage import Stage, apply_stage, check_stage

@@ -15,10 +15,11 @@ import numpy as np
 from xfer import data as D
 from xfer._adapter import Adapter, find_adapter
 from xfer.pipeline import cache as C
-from xfer.pipeline.callbacks import Callback, Checkpointing, Progress, with_built_ins
+from xfer.pipeline.callbacks import Callback, Progress
+from xfer.pipeline.checkpointing import Checkpointing
 from xfer.pipeline.history import EpochRecord, History, StageRecord
 from xfer.pipeline.interrupt import StopRequest
-from xfer.pipeline.preflight import check_data, check_options
+from xfer.pipeline.preflight import check_data, check_options, with_built_ins
 from xfer.pipeline.stage import Stage, apply_stage, check_stage
 from xfer.state import changed_tensors, fingerprints, frozen_tensors
 

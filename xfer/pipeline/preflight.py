@@ -1,12 +1,13 @@
-"""What the pipeline checks before it changes anything: its constructor's arguments, and
-the training data against the model. Kept out of the stage loop so the loop reads as one.
+"""What the pipeline checks before it changes anything: its constructor's arguments (and
+the callbacks they make), and the training data against the model. Kept out of the stage
+loop so the loop reads as one.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,8 @@ from xfer import data as D
 from xfer._adapter import Adapter
 from xfer._checks import check_integer, is_number
 from xfer.pipeline import cache as C
+from xfer.pipeline.callbacks import Callback, NaNRollback, Progress
+from xfer.pipeline.checkpointing import Checkpointing
 from xfer.pipeline.stage import OPTIMIZERS, Stage
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -149,3 +152,39 @@ def _model_shape(adapter: Adapter, model: Any, train: D.Data) -> tuple[int, int]
             f"channels-last (height, width, channels). The model said: {error}"
         ) from error
     return int(logits[-1]), int(x.shape[-1])
+
+
+def with_built_ins(
+    callbacks: Sequence[Callback],
+    *,
+    progress: Callable[[str], None] | Progress | None,
+    checkpoint_dir: str | None,
+) -> list[Callback]:
+    """The callbacks of a ``TransferPipeline``: the built-ins its arguments switch on
+    (:class:`Progress`, :class:`NaNRollback` unless ``callbacks`` has one,
+    :class:`Checkpointing`), then ``callbacks``.
+
+    Example:
+        >>> [type(c).__name__ for c in with_built_ins([], progress=print, checkpoint_dir=None)]
+        ['Progress', 'NaNRollback']
+    """
+    callbacks = list(callbacks)
+    for callback in callbacks:
+        if not isinstance(callback, Callback):
+            raise TypeError(
+                f"callbacks must be xfer.pipeline.Callback instances, got {callback!r}: "
+                "subclass Callback and override the hooks you need."
+            )
+    built_in: list[Callback] = []
+    if progress is not None:
+        built_in.append(progress if isinstance(progress, Callback) else Progress(progress))
+    if not any(isinstance(c, NaNRollback) for c in callbacks):
+        built_in.append(NaNRollback())
+    if checkpoint_dir is not None:
+        built_in.append(Checkpointing(checkpoint_dir))
+    if sum(isinstance(c, Checkpointing) for c in built_in + callbacks) > 1:
+        raise ValueError(
+            "A pipeline writes one checkpoint: give checkpoint_dir= or a Checkpointing in "
+            "callbacks, not both (nor two Checkpointing)."
+        )
+    return built_in + callbacks
