@@ -15,6 +15,8 @@ MODULES = [
     "xfer.files",
     "xfer.fingerprint",
     "xfer.pipeline.interrupt",
+    "xfer.pipeline.history",
+    "xfer.pipeline.presets",
     "xfer.report",
     "xfer.subprocesses",
     "xfer.checkpoint",
