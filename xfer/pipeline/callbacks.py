@@ -59,7 +59,7 @@ class Callback:
                 on_epoch_end
             on_stage_end
         on_fit_end
-        on_exception                   instead of the rest, if anything above raised
+        on_exception                   instead of the rest, if anything after on_fit_start raised
 
     :meth:`~TransferPipeline.check` calls only ``on_check``; ``on_message`` comes whenever
     the pipeline has something to say besides epochs. The callbacks of a pipeline are
@@ -257,10 +257,12 @@ class NaNRollback(Callback):
     ) -> None:
         self._rollback.restore()
 
-    def on_stage_end(self, *args: Any) -> None:
+    def on_stage_end(
+        self, pipeline: TransferPipeline, stage: Stage, index: int, record: StageRecord
+    ) -> None:
         self._close()
 
-    def on_exception(self, *args: Any) -> None:
+    def on_exception(self, pipeline: TransferPipeline, index: int, error: BaseException) -> None:
         self._close()
 
     def _close(self) -> None:

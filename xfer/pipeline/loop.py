@@ -15,7 +15,7 @@ import numpy as np
 from xfer import data as D
 from xfer._adapter import Adapter, find_adapter
 from xfer.pipeline import cache as C
-from xfer.pipeline.callbacks import Callback, Progress
+from xfer.pipeline.callbacks import Callback
 from xfer.pipeline.checkpointing import Checkpointing
 from xfer.pipeline.history import EpochRecord, History, StageRecord
 from xfer.pipeline.interrupt import StopRequest
@@ -76,7 +76,7 @@ class TransferPipeline:
         batch_size: int = 32,
         weight_decay: float = 0.0,
         seed: int = 0,
-        progress: Callable[[str], None] | Progress | None = None,
+        progress: Callable[[str], None] | Callback | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         cache: str = "auto",
         cache_memory: int = C.DEFAULT_MEMORY,
@@ -122,9 +122,18 @@ class TransferPipeline:
                 directory already holds a checkpoint that starting over would overwrite.
 
         Example:
-            >>> pipe = xfer.TransferPipeline(model, stages, checkpoint_dir="ckpt")  # doctest: +SKIP
-            >>> pipe.fit(train, val)                 # Ctrl-C in stage 2 ...       # doctest: +SKIP
-            >>> pipe.fit(train, val, resume=True)    # ... goes on with stage 2    # doctest: +SKIP
+            >>> import numpy as np, tempfile, xfer
+            >>> model = xfer.models.small_cnn(4, backend="torch")
+            >>> x, y = np.ones((8, 8, 8, 3), "float32"), np.arange(8) % 4
+            >>> stages = [xfer.Stage("head", train=xfer.select.path("head.**")), xfer.Stage("all")]
+            >>> with tempfile.TemporaryDirectory() as ckpt:
+            ...     history = xfer.TransferPipeline(model, stages, checkpoint_dir=ckpt).fit((x, y))
+            ...     # After a Ctrl-C, resume=True goes on with the stage it stopped; here every
+            ...     # stage is saved, so it just loads the result.
+            ...     pipe = xfer.TransferPipeline(model, stages, checkpoint_dir=ckpt)
+            ...     again = pipe.fit((x, y), resume=True)
+            >>> again.losses() == history.losses()
+            True
         """
         history = History(self.adapter.name, device=self._checked(train, val, resume))
         self._placed = history.device
@@ -140,6 +149,7 @@ class TransferPipeline:
                     self._stop.check()
                 self._emit("on_fit_end", history)
         except BaseException as error:
+            index = min(index, len(self.stages) - 1)  # on_fit_end of a run resumed when done
             for callback in self.callbacks:
                 try:
                     callback.on_exception(self, index, error)
@@ -156,8 +166,13 @@ class TransferPipeline:
         changes nothing (on PyTorch the model is moved to the device, as ``fit`` moves it).
 
         Example:
-            >>> pipe = xfer.TransferPipeline(model, stages, checkpoint_dir="ckpt")  # doctest: +SKIP
-            >>> pipe.check(train, val)     # before an hour of something else      # doctest: +SKIP
+            >>> import numpy as np, xfer
+            >>> model = xfer.models.small_cnn(4, backend="torch")
+            >>> x, y = np.ones((8, 8, 8, 3), "float32"), np.arange(8) % 4
+            >>> xfer.TransferPipeline(model, [xfer.Stage("all")]).check((x, y + 1))
+            Traceback (most recent call last):
+            ...
+            ValueError: train: labels must lie in [0, 4) for this model's 4 outputs, ...
         """
         self._checked(train, val, resume)
 

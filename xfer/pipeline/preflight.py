@@ -157,7 +157,7 @@ def _model_shape(adapter: Adapter, model: Any, train: D.Data) -> tuple[int, int]
 def with_built_ins(
     callbacks: Sequence[Callback],
     *,
-    progress: Callable[[str], None] | Progress | None,
+    progress: Callable[[str], None] | Callback | None,
     checkpoint_dir: str | None,
 ) -> list[Callback]:
     """The callbacks of a ``TransferPipeline``: the built-ins its arguments switch on
