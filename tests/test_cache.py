@@ -1,4 +1,4 @@
-"""Feature caching (xfer.cache): a stage that trains only the head behind a frozen,
+"""Feature caching (xfer.pipeline.cache): a stage that trains only the head behind a frozen,
 inference-pinned base trains on the base's cached outputs, and ends with the weights of the
 same stage run without a cache."""
 

@@ -8,8 +8,8 @@ GPU or a subprocess are marked ``+SKIP``; every other one must print what it sho
 from __future__ import annotations
 
 import doctest
-import os
 import importlib
+import os
 import pkgutil
 
 import pytest

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from xfer import presets
 from xfer import select as S
 from xfer.cli import main
 from xfer.data import digits
+from xfer.pipeline import presets
 
 
 def test_the_embedded_digits_ship_with_the_package():

@@ -1,6 +1,6 @@
 """What the pipeline keeps to check and undo a stage without a copy of the model in memory:
-the rollback weights of each epoch on disk (xfer.rollback), digests of the frozen tensors
-(xfer.fingerprints), and forward passes in chunks of the training batch size."""
+the rollback weights of each epoch on disk (xfer.pipeline.rollback), digests of the frozen
+tensors (xfer.fingerprints), and forward passes in chunks of the training batch size."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import xfer
 from kits import data
 from xfer import select as S
 from xfer._adapter import find_adapter
-from xfer.rollback import Rollback
+from xfer.pipeline.rollback import Rollback
 
 
 def _other_weights(kit):

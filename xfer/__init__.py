@@ -11,13 +11,13 @@ Example:
     >>> xfer.summary(model)                                 # doctest: +SKIP
 """
 
-from xfer import checkpoint, models, pipeline, presets, select
+from xfer import checkpoint, models, pipeline, select
 from xfer._adapter import Adapter, Unit
 from xfer._config import backend_context, get_backend, set_backend
 from xfer.audit import Finding, audit
 from xfer.checkpoint import CheckpointError
 from xfer.models import attach_head
-from xfer.pipeline import History, Interrupted, NonFiniteLoss, Stage, TransferPipeline
+from xfer.pipeline import History, Interrupted, NonFiniteLoss, Stage, TransferPipeline, presets
 from xfer.policy import PRESETS as BN_PRESETS
 from xfer.policy import BNPolicy
 from xfer.state import (

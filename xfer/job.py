@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from xfer import _config, models, presets
+from xfer import _config, models
 from xfer import select as S
 from xfer._adapter import load_adapter
 from xfer.data import digits
-from xfer.pipeline import History, Stage, TransferPipeline, evaluate
+from xfer.pipeline import History, Stage, TransferPipeline, evaluate, presets
 from xfer.weights import export_weights, import_weights, load_weights
 
 WIDTH = 16

@@ -20,7 +20,17 @@ from collections.abc import Callable, Sequence
 from xfer._adapter import KINDS, Unit
 from xfer._checks import check_integer
 
-__all__ = ["Selector", "all", "type", "bn", "name", "path", "top", "from_index"]
+__all__ = [
+    "Selector",
+    "all",
+    "type",
+    "bn",
+    "name",
+    "path",
+    "top",
+    "from_index",
+    "check_selector",
+]
 
 
 class Selector:
@@ -42,11 +52,11 @@ class Selector:
         return [u for u in units if u.path in chosen]
 
     def __and__(self, other: Selector) -> Selector:
-        other = _check(other)
+        other = check_selector(other)
         return Selector(f"({self} & {other})", lambda units: self.paths(units) & other.paths(units))
 
     def __or__(self, other: Selector) -> Selector:
-        other = _check(other)
+        other = check_selector(other)
         return Selector(f"({self} | {other})", lambda units: self.paths(units) | other.paths(units))
 
     def __invert__(self) -> Selector:
@@ -56,7 +66,15 @@ class Selector:
         return self._describe
 
 
-def _check(selector: object) -> Selector:
+def check_selector(selector: object) -> Selector:
+    """``selector`` itself if it is an xfer selector; a ``TypeError`` that says how to build
+    one if not.
+
+    Example:
+        >>> from xfer import select as S
+        >>> S.check_selector(S.bn())
+        bn()
+    """
     if not isinstance(selector, Selector):
         raise TypeError(
             f"Expected an xfer selector, got {selector!r} ({builtins.type(selector).__name__}). "

@@ -29,7 +29,7 @@ class SelectionError(ValueError):
 def resolve(model: Any, where: S.Selector) -> tuple[Adapter, list[Unit], list[Unit]]:
     """The adapter, all units and the selected units of ``model``; an error if none."""
     adapter = find_adapter(model)
-    where = S._check(where)
+    where = S.check_selector(where)
     units = adapter.units(model)
     selected = where(units)
     if not selected:
@@ -57,7 +57,15 @@ def _with_params(selected: list[Unit], where: S.Selector, op: str) -> list[Unit]
     return owning
 
 
-def _check_mode(mode: object) -> str:
+def check_mode(mode: object) -> str:
+    """``mode`` itself if it is one of ``"inference"``, ``"train"``, ``"inherit"``; a
+    ``ValueError`` that explains them if not.
+
+    Example:
+        >>> from xfer.state import check_mode
+        >>> check_mode("inference")
+        'inference'
+    """
     if mode not in MODES:
         raise ValueError(
             f"Unknown mode {mode!r}: expected one of {', '.join(MODES)} "
@@ -118,7 +126,7 @@ def set_mode(model: Any, mode: str, where: S.Selector | None = None) -> None:
         >>> from xfer import select as S
         >>> xfer.set_mode(model, "inference", S.path("base.**"))   # doctest: +SKIP
     """
-    mode = _check_mode(mode)
+    mode = check_mode(mode)
     where = S.all() if where is None else where
     adapter, units, selected = resolve(model, where)
     _apply(adapter, units, [(u, None, mode) for u in selected])
@@ -283,7 +291,7 @@ def _check_entries(saved: dict[str, Any]) -> None:
             f"got {_shown(bad)}. Fix the saved state or export it again with xfer.export_state."
         )
     for entry in saved.values():
-        _check_mode(entry["mode"])
+        check_mode(entry["mode"])
 
 
 def _shown(names: Sequence[str], limit: int = 8) -> str:

@@ -96,8 +96,8 @@ def add_quiet(parser: argparse.ArgumentParser) -> None:
 def add_transfer_options(parser: argparse.ArgumentParser) -> None:
     """What ``xfer run`` and ``xfer compare`` both take: ``--preset``, ``--bn``,
     ``--seed``, ``--format``, ``--quiet`` and ``--quick``."""
+    from xfer.pipeline.presets import PRESETS
     from xfer.policy import PRESETS as BN_PRESETS
-    from xfer.presets import PRESETS
 
     parser.add_argument("--preset", choices=tuple(PRESETS), default="keras_guide")
     parser.add_argument(

@@ -24,7 +24,7 @@ class StopRequest:
     :meth:`check` raises ``KeyboardInterrupt`` at a point of the caller's choosing.
 
     Example:
-        >>> from xfer.interrupt import StopRequest
+        >>> from xfer.pipeline.interrupt import StopRequest
         >>> with StopRequest() as stop:
         ...     for step in range(3):
         ...         stop.check()          # raises KeyboardInterrupt after a Ctrl-C

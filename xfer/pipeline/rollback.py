@@ -24,7 +24,7 @@ class Rollback:
     """Save the weights of ``model`` with :meth:`save`, put them back with :meth:`restore`.
 
     Example:
-        >>> from xfer.rollback import Rollback
+        >>> from xfer.pipeline.rollback import Rollback
         >>> with Rollback(model) as rollback:                    # doctest: +SKIP
         ...     rollback.save()
         ...     train_one_epoch(model)

@@ -109,7 +109,7 @@ def prepare(
     the stage trains without a cache.
 
     Example:
-        >>> from xfer import cache
+        >>> from xfer.pipeline import cache
         >>> features, note = cache.prepare(adapter, model, (x, y), None)   # doctest: +SKIP
         >>> note                                                           # doctest: +SKIP
         'memory (40.0 KiB)'

@@ -16,7 +16,7 @@ from typing import Any
 
 from xfer import select as S
 from xfer._adapter import find_adapter
-from xfer.pipeline import Stage
+from xfer.pipeline.stage import Stage
 
 HEAD = S.path("head.**")
 

@@ -1,0 +1,308 @@
+"""The stage loop: each stage sets the neutral state, trains, evaluates, and verifies that
+every tensor it froze is bit-identical afterwards. What is optional around it (progress,
+NaN rollback, checkpoints, a user's own hooks) is a callback (:mod:`xfer.pipeline.callbacks`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from xfer import data as D
+from xfer._adapter import Adapter, StepOptions, find_adapter
+from xfer.pipeline import cache as C
+from xfer.pipeline.callbacks import Callback
+from xfer.pipeline.checkpointing import Checkpointing
+from xfer.pipeline.history import EpochRecord, History, StageRecord
+from xfer.pipeline.interrupt import StopRequest
+from xfer.pipeline.preflight import check_data, check_options, with_built_ins
+from xfer.pipeline.stage import Stage, apply_stage, check_stage
+from xfer.state import changed_tensors, fingerprints, frozen_tensors
+
+
+class TransferPipeline:
+    """Train a native model through stages, the same way on every backend.
+
+    Callbacks (:class:`xfer.pipeline.Callback`) hook into every point of :meth:`fit`; the
+    built-ins are switched on by the arguments: ``progress`` (a callable taking a line of
+    text, or a :class:`~xfer.pipeline.Progress`) hears of each epoch as it starts; a NaN or
+    infinite loss always puts back the weights of the start of the epoch and raises
+    :class:`~xfer.pipeline.NonFiniteLoss` (:class:`~xfer.pipeline.NaNRollback`; the weights
+    go to a temporary file in ``cache_dir``); with ``checkpoint_dir``, the weights, xfer
+    state and history are saved (atomically) after each finished stage, and
+    ``fit(..., resume=True)`` continues from there (:class:`~xfer.pipeline.Checkpointing`,
+    :mod:`xfer.checkpoint`). ``callbacks`` run after those, in their order.
+
+    With ``cache="auto"`` (the default), a stage that trains only the model's last
+    top-level child (the head) behind a frozen prefix pinned to inference computes the
+    prefix's outputs once, in memory up to ``cache_memory`` bytes, then on disk in
+    ``cache_dir``; see :mod:`xfer.pipeline.cache`.
+
+    ``device="auto"`` trains on CUDA when the framework sees a GPU, else on the CPU
+    (PyTorch: the model is moved there; Keras and JAX place variables themselves, so
+    ``"cpu"``/``"cuda"`` only check that they do). The history records the device.
+    ``precision="bfloat16"`` is mixed precision where the framework applies it to a built
+    model (PyTorch autocast; Keras and Flax choose it when the layers are built, and say
+    so), and ``compile_step=True`` turns on the framework's optional compiler
+    (``torch.compile``; Keras ``jit_compile=True``; Flax steps are always ``nnx.jit``).
+
+    Example:
+        >>> import numpy as np, xfer
+        >>> from xfer import select as S
+        >>> model = xfer.models.small_cnn(4, backend="torch")
+        >>> x, y = np.random.default_rng(0).random((16, 8, 8, 3), "float32"), np.arange(16) % 4
+        >>> stages = [
+        ...     xfer.Stage("head", train=S.path("head.**"), bn="frozen", mode="inference", epochs=2),
+        ...     xfer.Stage("finetune", train=S.all(), bn="affine", lr=1e-5),
+        ... ]
+        >>> pipe = xfer.TransferPipeline(model, stages, optimizer="adam", batch_size=8, seed=0)
+        >>> history = pipe.fit((x, y), (x, y))
+        >>> [len(s.epochs) for s in history.stages], history.ok
+        ([2, 1], True)
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        stages: Sequence[Stage],
+        *,
+        loss: str = "sparse_categorical_crossentropy",
+        optimizer: str = "adam",
+        metrics: Sequence[str] = ("accuracy",),
+        batch_size: int = 32,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        progress: Callable[[str], None] | Callback | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        cache: str = "auto",
+        cache_memory: int = C.DEFAULT_MEMORY,
+        cache_dir: str | os.PathLike | None = None,
+        device: str = "auto",
+        precision: str = "float32",
+        compile_step: bool = False,
+        callbacks: Sequence[Callback] = (),
+    ):
+        self.adapter = find_adapter(model)
+        check_options(
+            self.adapter, stages, loss=loss, optimizer=optimizer, metrics=metrics,
+            batch_size=batch_size, weight_decay=weight_decay, seed=seed, cache=cache,
+            cache_memory=cache_memory, cache_dir=cache_dir, device=device, precision=precision,
+        )  # fmt: skip
+        self.model, self.stages, self.loss = model, list(stages), loss  # loss: for checkpoints
+        self.optimizer, self.batch_size = optimizer, batch_size
+        self.weight_decay, self.seed, self.progress = weight_decay, seed, progress
+        self.cache, self.cache_memory = cache, cache_memory
+        self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
+        self.device, self.precision, self.compile_step = device, precision, bool(compile_step)
+        self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+        self.callbacks = with_built_ins(
+            callbacks, progress=progress, checkpoint_dir=self.checkpoint_dir
+        )
+        self._placed = "cpu"  # where fit() put the model
+        self._stop = StopRequest()  # replaced by fit's own while it trains
+
+    def fit(self, train: D.Data, val: D.Data | None = None, *, resume: bool = False) -> History:
+        """Run every stage; return the :class:`History`.
+
+        With ``checkpoint_dir``, a checkpoint is written after each finished stage, and
+        ``resume=True`` continues from the first unfinished one (from the start if the
+        directory holds no checkpoint). The data order is seeded per stage and epoch, so an
+        interrupted and resumed run ends with the same weights as an uninterrupted one.
+
+        Raises:
+            NonFiniteLoss: the loss became NaN or infinite (weights restored to the start of
+                the epoch; the checkpoint of the stages finished before is left as it was).
+            Interrupted: Ctrl-C with a ``checkpoint_dir``; the message says how to resume.
+            CheckpointError: ``resume=True`` and the checkpoint is another pipeline's or
+                another model's (the model is unchanged); or ``resume=False`` and the
+                directory already holds a checkpoint that starting over would overwrite.
+
+        Example:
+            >>> import numpy as np, tempfile, xfer
+            >>> model = xfer.models.small_cnn(4, backend="torch")
+            >>> x, y = np.ones((8, 8, 8, 3), "float32"), np.arange(8) % 4
+            >>> stages = [xfer.Stage("head", train=xfer.select.path("head.**")), xfer.Stage("all")]
+            >>> with tempfile.TemporaryDirectory() as ckpt:
+            ...     history = xfer.TransferPipeline(model, stages, checkpoint_dir=ckpt).fit((x, y))
+            ...     # After a Ctrl-C, resume=True goes on with the stage it stopped; here every
+            ...     # stage is saved, so it just loads the result.
+            ...     pipe = xfer.TransferPipeline(model, stages, checkpoint_dir=ckpt)
+            ...     again = pipe.fit((x, y), resume=True)
+            >>> again.losses() == history.losses()
+            True
+        """
+        history = History(self.adapter.name, device=self._checked(train, val, resume))
+        self._placed = history.device
+        self._emit("on_fit_start", history)
+        index = start = len(history.stages)  # past the stages a checkpoint restored
+        try:
+            with StopRequest() as self._stop:
+                for index in range(start, len(self.stages)):
+                    self._stop.check()
+                    stage = self.stages[index]
+                    history.stages.append(self._run_stage(index, stage, train, val))
+                    self._emit("on_stage_end", stage, index, history.stages[-1])
+                    self._stop.check()
+                self._emit("on_fit_end", history)
+        except BaseException as error:
+            index = min(index, len(self.stages) - 1)  # on_fit_end of a run resumed when done
+            for callback in self.callbacks:
+                try:
+                    callback.on_exception(self, index, error)
+                except BaseException as replacement:  # Checkpointing: Ctrl-C -> Interrupted
+                    error = replacement
+            raise error
+        return history
+
+    def check(self, train: D.Data, val: D.Data | None = None, *, resume: bool = False) -> None:
+        """Everything :meth:`fit` checks before its first step, without training: every
+        stage's selectors against the model, the data against the model's inputs and
+        outputs, the callbacks' checks (the checkpoint directory and, with ``resume``,
+        that its checkpoint fits this run), the device. Raises what ``fit`` would raise;
+        changes nothing (on PyTorch the model is moved to the device, as ``fit`` moves it).
+
+        Example:
+            >>> import numpy as np, xfer
+            >>> model = xfer.models.small_cnn(4, backend="torch")
+            >>> x, y = np.ones((8, 8, 8, 3), "float32"), np.arange(8) % 4
+            >>> xfer.TransferPipeline(model, [xfer.Stage("all")]).check((x, y + 1))
+            Traceback (most recent call last):
+            ...
+            ValueError: train: labels must lie in [0, 4) for this model's 4 outputs, ...
+        """
+        self._checked(train, val, resume)
+
+    def _checked(self, train: D.Data, val: D.Data | None, resume: bool) -> str:
+        """:meth:`check`, returning the device."""
+        if resume and not any(isinstance(c, Checkpointing) for c in self.callbacks):
+            raise ValueError(
+                "fit(resume=True) needs a checkpoint directory to resume from: pass "
+                "TransferPipeline(..., checkpoint_dir=...)."
+            )
+        # A refused run leaves the model, its state and the file system as they were.
+        units = self.adapter.units(self.model)
+        for stage in self.stages:
+            check_stage(stage, units)
+        check_data(self.adapter, self.model, train, val)
+        self._emit("on_check", train, val, resume)
+        return self.adapter.place(self.model, self.device)
+
+    def _emit(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
+    def _run_stage(
+        self, index: int, stage: Stage, train: D.Data, val: D.Data | None
+    ) -> StageRecord:
+        adapter, model = self.adapter, self.model
+        apply_stage(model, stage, adapter)
+        units = adapter.units(model)
+        groups = [(sorted(sel.paths(units)), lr) for sel, lr in stage.lr_groups]
+        counts = [adapter.param_counts(u) for u in units]
+        keys = frozen_tensors(model)
+        # Digests, not copies, of what must stay bit-identical: a copy of the frozen weights
+        # held through the stage would cost memory the framework's own loop does not use.
+        before = fingerprints(model, keys)
+        record = StageRecord(
+            stage.name, sum(t for t, _ in counts), sum(f for _, f in counts), len(keys), []
+        )
+        features, record.cache = C.prepare(
+            adapter, model, train, val, setting=self.cache, memory=self.cache_memory,
+            directory=self.cache_dir, batch_size=self.batch_size,
+            progress=lambda text: self._emit("on_message", text), stage=stage.name,
+        )  # fmt: skip
+        try:
+            trained, val_model = model, model
+            if features is not None:
+                # Only the last child trains, on its cached inputs; the prefix is constant.
+                trained, train, groups = features.suffix, features.train, features.relative(groups)
+                if features.val is not None:
+                    val_model, val = features.suffix, features.val
+            self._emit("on_stage_start", stage, index, trained)
+            self._train_epochs(index, stage, trained, train, val_model, val, groups, record)
+        finally:
+            if features is not None:
+                features.close()
+        record.changed = changed_tensors(before, fingerprints(model, keys), keys)
+        return record
+
+    def _train_epochs(
+        self,
+        index: int,
+        stage: Stage,
+        trained: Any,
+        train: D.Data,
+        val_model: Any,
+        val: D.Data | None,
+        groups: list[tuple[list[str], float]],
+        record: StageRecord,
+    ) -> None:
+        options = StepOptions(
+            stage.optimizer or self.optimizer, stage.lr, weight_decay=self.weight_decay,
+            lr_groups=tuple((tuple(paths), lr) for paths, lr in groups),
+            precision=self.precision, compile_step=self.compile_step,
+        )  # fmt: skip
+        step = self.adapter.trainer(trained, options)
+        # On a GPU, arrays that fit the memory budget go there once, not batch by batch (on
+        # the CPU they are there already; a converted copy would only cost memory).
+        on_device = None
+        if self._placed != "cpu" and D.is_arrays(train) and train[0].nbytes <= self.cache_memory:
+            on_device = self.adapter.to_device(trained, *train)
+        for epoch in range(1, stage.epochs + 1):
+            self._emit("on_epoch_start", stage, index, epoch)
+            start, total, seen = time.perf_counter(), 0.0, 0
+            try:
+                batches = self._batches(train, on_device, (self.seed, index, epoch - 1))
+                for i, (x, y) in enumerate(batches, 1):
+                    loss = step(x, y)
+                    self._emit("on_step_end", stage, index, epoch, i, loss)
+                    total, seen = total + loss * len(y), seen + len(y)
+                    self._stop.check()
+            except Exception as error:
+                # NaN, or a framework error mid-epoch (a bad batch, out of memory): the
+                # callbacks undo the epoch's partial updates (NaNRollback).
+                self._emit("on_train_error", stage, index, epoch, error)
+                raise
+            val_loss = val_accuracy = None
+            if val is not None:
+                val_loss, val_accuracy = evaluate(
+                    self.adapter, val_model, val, batch_size=self.batch_size
+                )
+            seconds = time.perf_counter() - start
+            record.epochs.append(EpochRecord(epoch, total / seen, val_loss, val_accuracy, seconds))
+            self._emit("on_epoch_end", stage, index, record.epochs[-1])
+
+    def _batches(self, train: D.Data, on_device: tuple | None, seed: tuple) -> Any:
+        if on_device is None:
+            return D.batches(train, self.batch_size, seed)
+        x_all, y_all = on_device
+        indices = D.batch_indices(len(train[1]), self.batch_size, seed)
+        return ((x_all[i], y_all[i]) for i in indices)
+
+
+def evaluate(
+    adapter: Adapter, model: Any, data: D.Data, *, batch_size: int = D.PREDICT_CHUNK
+) -> tuple[float, float]:
+    """Mean softmax cross-entropy and accuracy in inference mode, computed the same way
+    for every backend from the logits, ``batch_size`` images per forward pass.
+
+    Example:
+        >>> import numpy as np, xfer
+        >>> from xfer._adapter import find_adapter
+        >>> from xfer.pipeline import evaluate
+        >>> model = xfer.models.small_cnn(4, backend="torch")
+        >>> x, y = np.zeros((6, 8, 8, 3), "float32"), np.arange(6) % 4
+        >>> loss, accuracy = evaluate(find_adapter(model), model, (x, y))
+        >>> 0 < loss < 10 and 0 <= accuracy <= 1
+        True
+    """
+    x, y = D.arrays(data)
+    logits = adapter.predict(model, x, batch_size=batch_size).astype("float64")
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    loss = float(-log_probs[np.arange(len(y)), y].mean())
+    return loss, float((logits.argmax(axis=1) == y).mean())
