@@ -87,6 +87,23 @@ class BlockSpec:
     def downsample(self) -> bool:
         return self.stride != 1 or self.c_in != self.c_out
 
+    @property
+    def convs(self) -> list[tuple[int, int, int, int]]:
+        """``(c_in, c_out, kernel, stride)`` of each conv of the block, in order (``conv1``,
+        ``conv2``(, ``conv3``)); a BN follows each.
+
+        Example:
+            >>> BlockSpec("basic", 8, 16, 2).convs
+            [(8, 16, 3, 2), (16, 16, 3, 1)]
+        """
+        if self.kind == "basic":
+            return [(self.c_in, self.planes, 3, self.stride), (self.planes, self.planes, 3, 1)]
+        return [
+            (self.c_in, self.planes, 1, 1),
+            (self.planes, self.planes, 3, self.stride),
+            (self.planes, self.c_out, 1, 1),
+        ]
+
 
 def resnet_layout(depth: int, width: int) -> tuple[list[list[BlockSpec]], int]:
     """The blocks of each of the four stages (``layer1``..``layer4``) of the reference

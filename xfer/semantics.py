@@ -145,6 +145,66 @@ def probe(module: Any) -> dict[str, dict]:
     return run_probes(probes)
 
 
+def _batch_variances(batch: Any, channel_axis: int) -> tuple[Any, Any, int]:
+    import numpy as np  # numpy is no framework; imported here like the rest of the probes' needs
+
+    x = np.asarray(batch, "float64")
+    flat = np.moveaxis(x, channel_axis, -1).reshape(-1, x.shape[channel_axis])
+    return flat.var(0), flat.var(0, ddof=1), flat.shape[0]
+
+
+def variance_estimator_cell(
+    moving_var: Any, batch: Any, variable: str, channel_axis: int = -1
+) -> dict:
+    """The ``running_var_estimator`` cell: which formula a BN's moving variance followed,
+    given its value after one training batch with a momentum that makes it the batch
+    estimate (biased, or unbiased ×n/(n−1), n = N·H·W), and that batch.
+
+    Example:
+        >>> import numpy as np
+        >>> x = np.arange(8.0).reshape(2, 2, 2, 1)
+        >>> variance_estimator_cell(x.reshape(-1, 1).var(0, ddof=1), x, "var")["native"]
+        'unbiased (n/(n-1))'
+    """
+    biased, unbiased, n = _batch_variances(batch, channel_axis)
+    err_b, err_u = abs(moving_var - biased).max(), abs(moving_var - unbiased).max()
+    return {
+        "native": "unbiased (n/(n-1))" if err_u < err_b else "biased",
+        "xfer": "n/a",
+        "detail": f"{variable} after one batch (n=N*H*W={n}) vs the two formulas: "
+        f"|err| unbiased {err_u:.1e}, biased {err_b:.1e}",
+    }
+
+
+def variance_error(moving_var: Any, batch: Any, channel_axis: int = -1) -> float:
+    """The relative error of a BN's one-batch variance estimate against the nearer of the
+    two exact formulas (``fast_variance``: E[x²]−E[x]² loses digits on offset inputs).
+
+    Example:
+        >>> import numpy as np
+        >>> x = np.arange(8.0).reshape(2, 2, 2, 1)
+        >>> variance_error(x.reshape(-1, 1).var(0), x)
+        0.0
+    """
+    biased, unbiased, _ = _batch_variances(batch, channel_axis)
+    err = min(abs(moving_var - biased).max(), abs(moving_var - unbiased).max())
+    return float(err / biased.max())
+
+
+def fast_variance_cell(error: float, more: str = "") -> dict:
+    """The ``fast_variance`` cell, from :func:`variance_error` on inputs offset by 1e4.
+
+    Example:
+        >>> fast_variance_cell(0.5)["native"]
+        True
+    """
+    return {
+        "native": bool(error > 1e-2),
+        "xfer": "n/a",
+        "detail": f"inputs offset by 1e4: relative error of the batch variance {error:.1e}{more}",
+    }
+
+
 _CHILD = (
     "from xfer.backends.keras import semantics as k\n"
     "from xfer.semantics import probe\n"

@@ -122,23 +122,12 @@ class _Downsample(nnx.Module):
         return self.bn(self.conv(x))
 
 
-def _block_convs(spec: BlockSpec) -> list[tuple[int, int, int, int]]:
-    """(c_in, c_out, kernel, stride) of each conv of a block, in order; a BN follows each."""
-    if spec.kind == "basic":
-        return [(spec.c_in, spec.planes, 3, spec.stride), (spec.planes, spec.planes, 3, 1)]
-    return [
-        (spec.c_in, spec.planes, 1, 1),
-        (spec.planes, spec.planes, 3, spec.stride),
-        (spec.planes, spec.c_out, 1, 1),
-    ]
-
-
 class _ResidualBlock(nnx.Module):
     """A basic block or a bottleneck: ``conv1``/``bn1``, ``conv2``/``bn2``(, ``conv3``/``bn3``),
     ReLU between them, and ``downsample`` on the shortcut where the shape changes."""
 
     def __init__(self, spec: BlockSpec, rngs: nnx.Rngs):
-        convs = _block_convs(spec)
+        convs = spec.convs
         for i, (c_in, c_out, kernel, stride) in enumerate(convs, 1):
             setattr(self, f"conv{i}", _conv(c_in, c_out, kernel, stride, rngs))
             setattr(self, f"bn{i}", _bn(c_out, rngs))

@@ -24,6 +24,7 @@ from flax import nnx
 
 import xfer
 from xfer import select as S
+from xfer.semantics import fast_variance_cell, variance_error, variance_estimator_cell
 
 
 def versions() -> dict[str, str]:
@@ -219,42 +220,24 @@ def bn_default_epsilon() -> dict:
     return {"native": float(epsilon), "xfer": "n/a", "detail": "nnx.BatchNorm().epsilon"}
 
 
-def _estimate(x: jnp.ndarray, **options) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _estimate(x: jnp.ndarray, **options) -> np.ndarray:
     # momentum=0: the moving variance becomes the batch estimate itself.
     bn = nnx.BatchNorm(x.shape[-1], momentum=0.0, rngs=nnx.Rngs(0), **options)
     bn.train()
     bn(x)
-    flat = np.asarray(x, "float64").reshape(-1, x.shape[-1])
-    return np.asarray(bn.var.get_value(), "float64"), flat.var(0), flat.var(0, ddof=1)
+    return np.asarray(bn.var.get_value(), "float64")
 
 
 def running_var_estimator() -> dict:
     x = _images(4, 3)
-    got, biased, unbiased = _estimate(x)
-    err_b, err_u = np.abs(got - biased).max(), np.abs(got - unbiased).max()
-    n = x.shape[0] * x.shape[1] * x.shape[2]
-    return {
-        "native": "unbiased (n/(n-1))" if err_u < err_b else "biased",
-        "xfer": "n/a",
-        "detail": f"var after one batch (n=N*H*W={n}) vs the two formulas: "
-        f"|err| unbiased {err_u:.1e}, biased {err_b:.1e}",
-    }
+    return variance_estimator_cell(_estimate(x), x, "var")
 
 
 def fast_variance() -> dict:
     x = _images(4, 3, offset=1e4)
-
-    def error(**options) -> float:
-        got, biased, unbiased = _estimate(x, **options)
-        return min(np.abs(got - biased).max(), np.abs(got - unbiased).max()) / biased.max()
-
-    fast, exact = error(), error(use_fast_variance=False)
-    return {
-        "native": bool(fast > 1e-2),
-        "xfer": "n/a",
-        "detail": f"inputs offset by 1e4: relative error of the batch variance {fast:.1e} "
-        f"by default, {exact:.1e} with use_fast_variance=False",
-    }
+    fast = variance_error(_estimate(x), x)
+    exact = variance_error(_estimate(x, use_fast_variance=False), x)
+    return fast_variance_cell(fast, f" by default, {exact:.1e} with use_fast_variance=False")
 
 
 def bn_batch_counter() -> dict:

@@ -18,6 +18,7 @@ import numpy as np
 
 import xfer
 from xfer import select as S
+from xfer.semantics import fast_variance_cell, variance_error, variance_estimator_cell
 
 L = keras.layers
 _SHAPE = (6, 6, 3)
@@ -246,37 +247,22 @@ def bn_default_epsilon() -> dict:
     }
 
 
-def _estimate(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _estimate(x: np.ndarray) -> np.ndarray:
     # momentum=0: the moving variance becomes the batch estimate itself.
     bn = L.BatchNormalization(momentum=0.0)
     bn.build(x.shape)
     bn(x, training=True)
-    flat = x.astype("float64").reshape(-1, x.shape[-1])
-    return _np(bn.moving_variance).astype("float64"), flat.var(0), flat.var(0, ddof=1)
+    return _np(bn.moving_variance).astype("float64")
 
 
 def running_var_estimator() -> dict:
     x = _images(4)[:, :3, :3]
-    got, biased, unbiased = _estimate(x)
-    err_b, err_u = np.abs(got - biased).max(), np.abs(got - unbiased).max()
-    n = x.shape[0] * x.shape[1] * x.shape[2]
-    return {
-        "native": "unbiased (n/(n-1))" if err_u < err_b else "biased",
-        "xfer": "n/a",
-        "detail": f"moving_variance after one batch (n=N*H*W={n}) vs the two formulas: "
-        f"|err| unbiased {err_u:.1e}, biased {err_b:.1e}",
-    }
+    return variance_estimator_cell(_estimate(x), x, "moving_variance")
 
 
 def fast_variance() -> dict:
     x = _images(4, offset=1e4)[:, :3, :3]
-    got, biased, unbiased = _estimate(x)
-    err = min(np.abs(got - biased).max(), np.abs(got - unbiased).max()) / biased.max()
-    return {
-        "native": bool(err > 1e-2),
-        "xfer": "n/a",
-        "detail": f"inputs offset by 1e4: relative error of the batch variance {err:.1e}",
-    }
+    return fast_variance_cell(variance_error(_estimate(x), x))
 
 
 def bn_batch_counter() -> dict:

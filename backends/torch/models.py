@@ -139,24 +139,13 @@ class _Downsample(nn.Module):
         return self.bn(self.conv(x))
 
 
-def _block_convs(spec: BlockSpec) -> list[tuple[int, int, int, int]]:
-    """(in, out, kernel, stride) of each conv of a block, in order."""
-    if spec.kind == "basic":
-        return [(spec.c_in, spec.planes, 3, spec.stride), (spec.planes, spec.planes, 3, 1)]
-    return [
-        (spec.c_in, spec.planes, 1, 1),
-        (spec.planes, spec.planes, 3, spec.stride),
-        (spec.planes, spec.c_out, 1, 1),
-    ]
-
-
 class _ResidualBlock(nn.Module):
     """A basic (two 3x3 convs) or bottleneck (1x1, 3x3, 1x1) block: ``conv1``/``bn1``..,
     then ``downsample`` where the shape changes (``None`` where it does not)."""
 
     def __init__(self, spec: BlockSpec):
         super().__init__()
-        convs = _block_convs(spec)
+        convs = spec.convs
         self.n_convs = len(convs)
         for i, (c_in, c_out, kernel, stride) in enumerate(convs, 1):
             setattr(self, f"conv{i}", _conv(c_in, c_out, kernel, stride))

@@ -26,6 +26,7 @@ from torch import nn
 
 import xfer
 from xfer import select as S
+from xfer.semantics import fast_variance_cell, variance_error, variance_estimator_cell
 
 
 def versions() -> dict[str, str]:
@@ -224,45 +225,25 @@ def bn_default_epsilon() -> dict:
     return {"native": float(nn.BatchNorm2d(4).eps), "xfer": "n/a", "detail": "BatchNorm2d().eps"}
 
 
-def _batch_var(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
-    flat = x.double().numpy().transpose(1, 0, 2, 3).reshape(x.shape[1], -1)
-    return flat.var(axis=1), flat.var(axis=1, ddof=1), flat.shape[1]
-
-
-def _estimate(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def _estimate(x: torch.Tensor) -> np.ndarray:
     # momentum=1: the running variance becomes the batch estimate itself.
     bn = nn.BatchNorm2d(x.shape[1], momentum=1.0)
     bn.train()
     with torch.no_grad():
         bn(x)
-    biased, unbiased, _ = _batch_var(x)
-    return bn.running_var.double().numpy(), np.stack([biased, unbiased])
+    return bn.running_var.double().numpy()
 
 
 @_seeded
 def running_var_estimator() -> dict:
     x = _images(4, 3)
-    got, (biased, unbiased) = _estimate(x)
-    n = x.shape[0] * x.shape[2] * x.shape[3]
-    err_b, err_u = np.abs(got - biased).max(), np.abs(got - unbiased).max()
-    return {
-        "native": "unbiased (n/(n-1))" if err_u < err_b else "biased",
-        "xfer": "n/a",
-        "detail": f"running_var after one batch (n=N*H*W={n}) vs the two formulas: "
-        f"|err| unbiased {err_u:.1e}, biased {err_b:.1e}",
-    }
+    return variance_estimator_cell(_estimate(x), x.numpy(), "running_var", channel_axis=1)
 
 
 @_seeded
 def fast_variance() -> dict:
     x = _images(4, 3, offset=1e4)
-    got, (biased, unbiased) = _estimate(x)
-    err = min(np.abs(got - biased).max(), np.abs(got - unbiased).max()) / biased.max()
-    return {
-        "native": bool(err > 1e-2),
-        "xfer": "n/a",
-        "detail": f"inputs offset by 1e4: relative error of the batch variance {err:.1e}",
-    }
+    return fast_variance_cell(variance_error(_estimate(x), x.numpy(), channel_axis=1))
 
 
 @_seeded
