@@ -129,6 +129,21 @@ def resnet_layout(depth: int, width: int) -> tuple[list[list[BlockSpec]], int]:
     return stages, c_in
 
 
+def unit_kind(native: Any, kinds: Sequence[tuple[Any, str]], container: bool) -> str:
+    """A unit's kind (``xfer._adapter.KINDS``): the first of ``kinds`` (types, kind) whose
+    types ``native`` is an instance of; else ``container`` when it only holds children
+    (``container``: it has children and no parameters of its own), else ``other``.
+
+    Example:
+        >>> unit_kind(1.5, [(float, "dense")], container=False), unit_kind("x", [], True)
+        ('dense', 'container')
+    """
+    for classes, name in kinds:
+        if isinstance(native, classes):
+            return name
+    return "container" if container else "other"
+
+
 def root_index(own_params: int, has_children: bool) -> int | None:
     """The index the root of a model gets as a unit, or ``None`` when it is not one.
 

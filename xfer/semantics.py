@@ -153,6 +153,34 @@ def _batch_variances(batch: Any, channel_axis: int) -> tuple[Any, Any, int]:
     return flat.var(0), flat.var(0, ddof=1), flat.shape[0]
 
 
+def frozen_bn_cell(native: tuple[bool, bool], held: tuple[bool, bool], detail: str) -> dict:
+    """The ``trainable_false_forces_inference`` cell, from (inference output, moving
+    statistics kept) of a BN frozen the framework's way (``native``) and xfer's way (``held``),
+    both called in training mode.
+
+    Example:
+        >>> frozen_bn_cell((False, True), (True, True), "BN")
+        {'native': False, 'xfer': True, 'detail': 'BN'}
+    """
+    return {"native": all(native), "xfer": all(held), "detail": detail}
+
+
+def batch_of_one_cell(outcomes: list[str], held: Callable[[], bool], detail: str) -> dict:
+    """The ``batch_of_one_train_mode`` cell: what a train-mode BN did with one image at each
+    size (``outcomes``), and whether xfer's frozen BN gave its inference output (``held()``;
+    an error counts as not held).
+
+    Example:
+        >>> batch_of_one_cell(["runs at 1x1"], lambda: 1 / 0, "BN")["xfer"]
+        False
+    """
+    try:
+        kept = bool(held())
+    except Exception:  # a frozen BN that fails on one image did not hold either
+        kept = False
+    return {"native": "; ".join(outcomes), "xfer": kept, "detail": detail}
+
+
 def variance_estimator_cell(
     moving_var: Any, batch: Any, variable: str, channel_axis: int = -1
 ) -> dict:

@@ -24,7 +24,13 @@ from flax import nnx
 
 import xfer
 from xfer import select as S
-from xfer.semantics import fast_variance_cell, variance_error, variance_estimator_cell
+from xfer.semantics import (
+    batch_of_one_cell,
+    fast_variance_cell,
+    frozen_bn_cell,
+    variance_error,
+    variance_estimator_cell,
+)
 
 
 def versions() -> dict[str, str]:
@@ -190,20 +196,15 @@ def trainable_false_forces_inference() -> dict:
     x = _images()
     bn = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
     nnx.Optimizer(bn, optax.sgd(0.1), wrt=nnx.Nothing)
-    same, kept = _bn_forward(bn, x)
+    native = _bn_forward(bn, x)
     bn = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
     xfer.freeze(bn)
-    xfer_same, xfer_kept = _bn_forward(bn, x)
-    return {
-        "native": same and kept,
-        "xfer": xfer_same and xfer_kept,
-        "detail": "BatchNorm out of the optimizer, train(): "
-        + (
-            "inference output"
-            if same
-            else "batch statistics used (freezing lives in the optimizer, not the module)"
-        ),
-    }
+    detail = "BatchNorm out of the optimizer, train(): " + (
+        "inference output"
+        if native[0]
+        else "batch statistics used (freezing lives in the optimizer, not the module)"
+    )
+    return frozen_bn_cell(native, _bn_forward(bn, x), detail)
 
 
 def bn_default_momentum() -> dict:
@@ -269,12 +270,5 @@ def batch_of_one_train_mode() -> dict:
     bn.eval()
     reference = np.asarray(bn(x))
     bn.train()
-    try:
-        held = np.array_equal(np.asarray(bn(x)), reference)
-    except Exception:
-        held = False
-    return {
-        "native": "; ".join(short),
-        "xfer": held,
-        "detail": "nnx.BatchNorm after train(), one image of HxWx3",
-    }
+    held = lambda: np.array_equal(np.asarray(bn(x)), reference)  # noqa: E731
+    return batch_of_one_cell(short, held, "nnx.BatchNorm after train(), one image of HxWx3")

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from xfer._adapter import Mode, Unit
-from xfer.backends._common import root_index
+from xfer.backends._common import root_index, unit_kind
 
 
 class Frozen(nnx.Variable):
@@ -133,11 +133,8 @@ def walk(model: nnx.Module) -> list[tuple[str, nnx.Module, int]]:
 
 def kind(module: nnx.Module) -> str:
     """The unit kind of a module (``xfer._adapter.KINDS``)."""
-    for types, name in _KINDS:
-        if isinstance(module, types):
-            return name
     has_children = any(isinstance(v, nnx.Module) for _, v in _members(module))
-    return "container" if has_children and not own_params(module) else "other"
+    return unit_kind(module, _KINDS, container=has_children and not own_params(module))
 
 
 # --- the Units contract ------------------------------------------------------------------

@@ -18,7 +18,13 @@ import numpy as np
 
 import xfer
 from xfer import select as S
-from xfer.semantics import fast_variance_cell, variance_error, variance_estimator_cell
+from xfer.semantics import (
+    batch_of_one_cell,
+    fast_variance_cell,
+    frozen_bn_cell,
+    variance_error,
+    variance_estimator_cell,
+)
 
 L = keras.layers
 _SHAPE = (6, 6, 3)
@@ -217,17 +223,14 @@ def trainable_false_forces_inference() -> dict:
     bn = L.BatchNormalization()
     bn.build(x.shape)
     bn.trainable = False
-    same, kept = _bn_forward(bn, x)
+    native = _bn_forward(bn, x)
     bn = L.BatchNormalization()
     bn.build(x.shape)
     xfer.freeze(bn)
-    xfer_same, xfer_kept = _bn_forward(bn, x)
-    return {
-        "native": same and kept,
-        "xfer": xfer_same and xfer_kept,
-        "detail": "BatchNormalization.trainable=False, called with training=True: "
-        + ("inference output, moving statistics kept" if same and kept else "batch statistics"),
-    }
+    detail = "BatchNormalization.trainable=False, called with training=True: " + (
+        "inference output, moving statistics kept" if all(native) else "batch statistics"
+    )
+    return frozen_bn_cell(native, _bn_forward(bn, x), detail)
 
 
 def bn_default_momentum() -> dict:
@@ -290,12 +293,5 @@ def batch_of_one_train_mode() -> dict:
     bn = L.BatchNormalization()
     bn.build(x.shape)
     xfer.set_bn(bn, "frozen")
-    try:
-        held = np.array_equal(_np(bn(x, training=True)), _np(bn(x, training=False)))
-    except Exception:
-        held = False
-    return {
-        "native": "; ".join(short),
-        "xfer": held,
-        "detail": "BatchNormalization(training=True), one image of HxWx3",
-    }
+    held = lambda: np.array_equal(_np(bn(x, training=True)), _np(bn(x, training=False)))  # noqa: E731
+    return batch_of_one_cell(short, held, "BatchNormalization(training=True), one image of HxWx3")

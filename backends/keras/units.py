@@ -16,7 +16,7 @@ import keras
 import numpy as np
 
 from xfer._adapter import Unit
-from xfer.backends._common import root_index
+from xfer.backends._common import root_index, unit_kind
 
 L = keras.layers
 _DROPOUTS = (L.Dropout, L.GaussianDropout, L.AlphaDropout)  # SpatialDropout* subclass Dropout
@@ -28,6 +28,13 @@ _NORMS = tuple(
     getattr(L, n)
     for n in ("LayerNormalization", "GroupNormalization", "UnitNormalization", "RMSNormalization")
     if hasattr(L, n)
+)
+_KINDS = (  # (layer types, unit kind), the first match wins
+    (L.BatchNormalization, "batchnorm"),
+    (_DROPOUTS, "dropout"),
+    (_CONVS, "conv"),
+    ((L.Dense, L.EinsumDense), "dense"),
+    (_NORMS, "norm"),
 )
 # Keras layer modules whose computation depends on `training` (dropout inside RNNs and
 # attention; augmentation in preprocessing). Module names are Keras's source layout, not
@@ -125,19 +132,8 @@ def kind(layer) -> str:
         >>> [kind(x) for x in (*layers, keras.Sequential([keras.layers.Dense(2)]))]
         ['conv', 'other', 'container']
     """
-    if isinstance(layer, L.BatchNormalization):
-        return "batchnorm"
-    if isinstance(layer, _DROPOUTS):
-        return "dropout"
-    if isinstance(layer, _CONVS):
-        return "conv"
-    if isinstance(layer, (L.Dense, L.EinsumDense)):
-        return "dense"
-    if isinstance(layer, _NORMS):
-        return "norm"
-    if children(layer) and not own_variables(layer):
-        return "container"
-    return "other"
+    container = bool(children(layer)) and not own_variables(layer)
+    return unit_kind(layer, _KINDS, container)
 
 
 def segment(parent, child) -> str:

@@ -18,9 +18,16 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from xfer._adapter import Mode, Unit
-from xfer.backends._common import root_index
+from xfer.backends._common import root_index, unit_kind
 
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm, _InstanceNorm)
+_KINDS = (  # (module types, unit kind), the first match wins
+    (_BatchNorm, "batchnorm"),
+    (_DropoutNd, "dropout"),
+    (_ConvNd, "conv"),
+    ((nn.Linear, nn.Bilinear), "dense"),
+    (NORMS, "norm"),
+)
 
 # torch layers whose computation depends on train/eval (dropout inside RNNs and attention).
 MODE_DEPENDENT = (
@@ -45,19 +52,8 @@ def kind(native: nn.Module) -> str:
         >>> kind(nn.BatchNorm2d(4)), kind(nn.Sequential(nn.ReLU())), kind(nn.ReLU())
         ('batchnorm', 'container', 'other')
     """
-    if isinstance(native, _BatchNorm):
-        return "batchnorm"
-    if isinstance(native, _DropoutNd):
-        return "dropout"
-    if isinstance(native, _ConvNd):
-        return "conv"
-    if isinstance(native, (nn.Linear, nn.Bilinear)):
-        return "dense"
-    if isinstance(native, NORMS):
-        return "norm"
-    if next(native.children(), None) is not None and not native._parameters:
-        return "container"
-    return "other"
+    container = next(native.children(), None) is not None and not native._parameters
+    return unit_kind(native, _KINDS, container)
 
 
 def own_params(native: nn.Module) -> list[nn.Parameter]:
