@@ -67,12 +67,12 @@ for _flavour in REGISTRY:
 @nox.session
 def parity(session: nox.Session) -> None:
     """Every backend against every other, from the same neutral weights; and ``xfer
-    compare`` end to end through the console script (tests/test_compare_cli.py)."""
+    compare`` end to end through the console script (tests/test_compare_command_end_to_end.py)."""
     session.install(*CONSTRAINTS, ".[all,dev]")
     session.run(
         "pytest",
-        "tests/test_parity_cross.py",
-        "tests/test_compare_cli.py",
+        "tests/test_backends_agree.py",
+        "tests/test_compare_command_end_to_end.py",
         "-s",
         *session.posargs,
         env={

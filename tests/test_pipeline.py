@@ -1,6 +1,6 @@
 """The staged pipeline on every backend: state per stage, verification, data, bad input.
 
-That the same stages give the same numbers on every backend is checked in test_parity.py
+That the same stages give the same numbers on every backend is checked in test_reference_numbers.py
 (the ``pipeline`` group of tests/parity.py).
 """
 

@@ -1,7 +1,7 @@
 """Parity in every session: each backend against a numpy reference and the golden values.
 
 The golden values (tests/golden/parity.npz) are what ``tests/parity.py`` computed on one
-backend; test_parity_cross.py compares the backends with each other directly.
+backend; test_backends_agree.py compares the backends with each other directly.
 """
 
 from __future__ import annotations
