@@ -23,6 +23,7 @@ import subprocess
 import pytest
 
 from xfer._config import LABELS
+from xfer.compare import DEFAULT_TOLERANCE
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("XFER_PARITY") != "1", reason="compare end to end runs in `nox -s parity`"
@@ -65,11 +66,12 @@ def test_compare_agrees_across_the_four_backends(tmp_path, model):
     assert status == 0, stderr[-2000:]
     assert result["verdict"] == "agree" and result["first_divergence"] is None
     assert set(result["backends"]) == BACKENDS
-    assert result["tolerance"] == 1e-4 and result["largest"]["relative"] <= 1e-4
+    assert result["tolerance"] == DEFAULT_TOLERANCE
+    assert result["largest"]["relative"] <= DEFAULT_TOLERANCE
     assert set(result["largest_per_stage"]) == {"head", "finetune"}
     assert result["frozen_tensors_kept"] is True
     losses = {b: m["finetune"]["val_loss"] for b, m in result["backends"].items()}
-    assert max(losses.values()) - min(losses.values()) < 1e-3 and min(losses.values()) > 0
+    assert max(losses.values()) - min(losses.values()) < 1e-2 and min(losses.values()) > 0
     assert (tmp_path / "report" / "report.md").read_text().count("**AGREE**") == 1
 
 

@@ -94,7 +94,7 @@ def test_xfer_compare_writes_a_report(kit, tmp_path, monkeypatch, capsys):
     assert set(result["backends"][kit.id]) == {"head", "finetune"}
     assert 0.0 < result["backends"][kit.id]["finetune"]["val_loss"] < 10.0
     text = (out / "report.md").read_text()
-    assert "| finetune |" in text and "tolerance 0.0001" in text
+    assert "| finetune |" in text and "tolerance 0.01" in text
 
 
 def test_xfer_run_checkpoints_and_resumes(kit, tmp_path, monkeypatch, capsys):
