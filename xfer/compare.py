@@ -13,9 +13,9 @@ and the backends agree when no relative difference exceeds the tolerance
 
 - ``DEFAULT_TOLERANCE = 1e-2``: float32 rounding grown by the steps taken. The head stage
   agrees to about 2e-7 on every machine measured; fine-tuning the whole model grows it by
-  how far each CPU's kernels round apart: 7.4e-6 on the machine of issue 11, 4.0e-3 (torch
-  against the three JAX-engined backends, finetune epoch 19) on an AMD EPYC whose oneDNN
-  picks other kernels. A real disagreement (a scrambled weights handoff: 8e-2 on
+  how far each CPU's kernels round apart: 7.4e-6 on the machine of issue 11, 4.0e-3 on an
+  AMD EPYC (flax against the other three, which agree to 3e-6 there; finetune epoch 19,
+  validation loss). A real disagreement (a scrambled weights handoff: 8e-2 on
   ``--quick``, 37 loss points on the full job) is still many times past it.
 - ``FLOOR = 1e-2``: a value near zero (a loss that has gone to 0.001, an accuracy of 0) is
   compared absolutely, to within ``tolerance * FLOOR`` (1e-6 at the default), instead of
