@@ -59,8 +59,7 @@ def assemble(name: str, **modules: types.ModuleType) -> Adapter:
                 )
             value = getattr(module, member)
             namespace[member] = staticmethod(value) if callable(value) else value
-    adapter = type(f"{name.capitalize()}Adapter", (), namespace)()
-    return adapter
+    return type(f"{name.capitalize()}Adapter", (), namespace)()
 
 
 # depth -> (blocks per stage, block type); the torchvision / Keras-applications table.

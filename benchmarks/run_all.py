@@ -32,7 +32,7 @@ import tempfile
 import time
 
 from xfer._config import LABELS
-from xfer.cli.tables import table
+from xfer.tables import table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKENDS = LABELS

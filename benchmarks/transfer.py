@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 
 from xfer._config import LABELS
-from xfer.cli.tables import table
+from xfer.tables import table
 
 BACKENDS = LABELS
 NUM_CLASSES = 10

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from xfer.cli import main as xfer_main
 from xfer.cli.run import run_text
-from xfer.cli.tables import table
 from xfer.files import write_text
 from xfer.job import shipped_path
+from xfer.tables import table
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SEEDS = (0, 1, 2)

@@ -18,8 +18,10 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
+
 from xfer import _config
-from xfer.cli.tables import table
+from xfer.tables import table
 
 __all__ = ["ROWS", "Row", "measure", "probe", "run_probes", "to_json", "to_markdown", "to_text"]
 
@@ -146,8 +148,6 @@ def probe(module: Any) -> dict[str, dict]:
 
 
 def _batch_variances(batch: Any, channel_axis: int) -> tuple[Any, Any, int]:
-    import numpy as np  # numpy is no framework; imported here like the rest of the probes' needs
-
     x = np.asarray(batch, "float64")
     flat = np.moveaxis(x, channel_axis, -1).reshape(-1, x.shape[channel_axis])
     return flat.var(0), flat.var(0, ddof=1), flat.shape[0]

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 from xfer._adapter import find_adapter
-from xfer.cli.tables import table
 from xfer.policy import BNPolicy
+from xfer.tables import table
 
 
 @dataclasses.dataclass(frozen=True)

@@ -270,5 +270,8 @@ def batch_of_one_train_mode() -> dict:
     bn.eval()
     reference = np.asarray(bn(x))
     bn.train()
-    held = lambda: np.array_equal(np.asarray(bn(x)), reference)  # noqa: E731
+
+    def held() -> bool:
+        return np.array_equal(np.asarray(bn(x)), reference)
+
     return batch_of_one_cell(short, held, "nnx.BatchNorm after train(), one image of HxWx3")

@@ -293,5 +293,8 @@ def batch_of_one_train_mode() -> dict:
     bn = L.BatchNormalization()
     bn.build(x.shape)
     xfer.set_bn(bn, "frozen")
-    held = lambda: np.array_equal(_np(bn(x, training=True)), _np(bn(x, training=False)))  # noqa: E731
+
+    def held() -> bool:
+        return np.array_equal(_np(bn(x, training=True)), _np(bn(x, training=False)))
+
     return batch_of_one_cell(short, held, "BatchNormalization(training=True), one image of HxWx3")

@@ -5,12 +5,11 @@ is a module of this package (``info``, ``demo``, ``semantics``, ``pretrain``, ``
 ``compare``) with the same three names: ``HELP`` (its line in ``xfer --help``),
 ``add_arguments(parser)`` and ``cmd_<name>(args)`` (returns the exit status). Beside them:
 :mod:`~xfer.cli.options` (options several commands share), :mod:`~xfer.cli.progress` (the
-progress display), :mod:`~xfer.cli.tables` (the one table formatter),
-:mod:`~xfer.cli.report` (the compare report) and :mod:`~xfer.cli.errors` (one-line errors).
+progress display), :mod:`~xfer.cli.report` (the compare report) and :mod:`~xfer.cli.errors`
+(one-line errors); tables are laid out by the library's one formatter, :mod:`xfer.tables`.
 
 The command modules import xfer's library and the frameworks only when they run, so that
-``xfer info`` and ``xfer --help`` start at once, and so that library modules can use
-:mod:`xfer.cli.tables` without an import cycle.
+``xfer info`` and ``xfer --help`` start at once.
 """
 
 from __future__ import annotations

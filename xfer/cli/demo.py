@@ -11,7 +11,7 @@ from xfer import _config
 from xfer.cli.info import version
 from xfer.cli.options import add_backends, add_format, add_quiet, add_seed, chosen_backends
 from xfer.cli.progress import terminal_progress
-from xfer.cli.tables import table
+from xfer.tables import table
 
 HELP = (
     "Pretrain, then transfer in two stages with each framework's own loop; verify frozen tensors."

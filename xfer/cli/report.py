@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from xfer.cli.tables import table
 from xfer.compare import ACCURACY, FLOOR, Divergence, Verdict, check, differences
 from xfer.files import write_atomic, write_text
 from xfer.pipeline import History
+from xfer.tables import table
 
 
 def compare_rows(histories: dict[str, History]) -> list[tuple[str, ...]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from xfer.cli.tables import table
+from xfer.tables import table
 
 
 @dataclasses.dataclass
