@@ -164,3 +164,74 @@ def output_shape(model, x) -> tuple[int, ...]:
     finally:
         for module, name, value in saved:
             setattr(module, name, value)
+
+
+# --- a user's nnx.Optimizer built before the xfer calls -----------------------------------
+
+
+class StaleOptimizer(ValueError):
+    """An ``nnx.Optimizer`` built over other parameters than the model's trainable ones now.
+
+    Raised from ``optimizer.update`` in place of JAX's pytree-structure error when xfer's
+    freezing changed the model after the optimizer was built (see
+    :func:`explain_stale_optimizers`).
+
+    Example:
+        >>> from xfer.backends.flax.engine import StaleOptimizer
+        >>> issubclass(StaleOptimizer, ValueError)
+        True
+    """
+
+
+def _stale_message(optimizer: nnx.Optimizer, model: nnx.Module) -> str | None:
+    """Why ``optimizer`` cannot update ``model``, or None when its state fits the model."""
+    params = nnx.as_pure(nnx.state(model, optimizer.wrt, graph=optimizer.graph))
+    # The state the optimizer would have if it were built now, by shape only (no compute).
+    fresh = jax.eval_shape(optimizer.tx.init, params)
+    if jax.tree.structure(fresh) == jax.tree.structure(nnx.as_pure(optimizer.opt_state)):
+        return None
+    n_now = len(jax.tree.leaves(params))
+    wrt = getattr(optimizer.wrt, "__name__", repr(optimizer.wrt))
+    return (
+        f"this nnx.Optimizer was built before xfer changed what trains: the model now has "
+        f"{n_now} trainable parameter arrays (wrt={wrt}) and the optimizer's state "
+        "was made for another set. Build the optimizer after xfer.freeze/unfreeze/set_bn, "
+        "as Keras compiles after them: nnx.Optimizer(model, tx, wrt=nnx.Param)."
+    )
+
+
+def explain_stale_optimizers() -> None:
+    """Make ``nnx.Optimizer.update`` name the fix when the optimizer predates a freeze.
+
+    An optimizer built before ``xfer.freeze`` holds state for parameters that are now
+    :class:`~xfer.backends.flax.Frozen`; its next ``update`` fails deep inside JAX with a
+    pytree-structure error that names neither xfer nor the fix. NNX has no hook for this, so
+    the method is wrapped once: only a failing update is looked at, and only an optimizer
+    whose state no longer fits the model's parameters gets :class:`StaleOptimizer` (the
+    JAX error chained); every other error passes through unchanged. Installed when the
+    Flax backend loads.
+
+    Example:
+        >>> explain_stale_optimizers()   # idempotent
+        >>> nnx.Optimizer.update.__xfer_explains_stale__
+        True
+    """
+    update = nnx.Optimizer.update
+    if getattr(update, "__xfer_explains_stale__", False):
+        return
+
+    @functools.wraps(update)
+    def update_naming_the_fix(self, model, grads, /, **kwargs):
+        try:
+            return update(self, model, grads, **kwargs)
+        except (ValueError, TypeError) as error:
+            message = _stale_message(self, model)
+            if message is None:
+                raise
+            raise StaleOptimizer(message) from error
+
+    update_naming_the_fix.__xfer_explains_stale__ = True
+    nnx.Optimizer.update = update_naming_the_fix
+
+
+explain_stale_optimizers()
