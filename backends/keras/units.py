@@ -152,15 +152,20 @@ def segments(parent, child) -> tuple[str, ...]:
         >>> segments(net, net.blocks[1]), segments(net, keras.layers.Dense(2, name="a.b"))
         (('blocks', '1'), ('a.b',))
     """
-    for attrs in (vars(parent), getattr(parent, "_modules", {})):
-        for attr, value in attrs.items():
-            if attr.startswith("_"):
-                continue
-            if value is child:
-                return (attr,)
-            inside = _held_in(value, child)
-            if inside is not None:
-                return (attr, *inside)
+    attrs = [
+        (attr, value)
+        for held in (vars(parent), getattr(parent, "_modules", {}))
+        for attr, value in held.items()
+        if not attr.startswith("_")
+    ]
+    # An attribute of its own first: a list may also hold a layer that has one.
+    for attr, value in attrs:
+        if value is child:
+            return (attr,)
+    for attr, value in attrs:
+        inside = _held_in(value, child)
+        if inside is not None:
+            return (attr, *inside)
     return (child.name,)
 
 
