@@ -42,6 +42,49 @@ def test_path_double_star_includes_the_block_itself():
     assert paths(S.path("base")) == ["base"]
 
 
+def _segments(*segments: str) -> Unit:
+    return Unit(".".join(segments), "other", 0, 0, None, None, segments=segments)
+
+
+# A Keras layer name may contain a dot (keras.applications.MobileNetV2): one segment.
+DOTTED = [
+    _segments("mobilenetv2_1.00_32"),
+    _segments("mobilenetv2_1.00_32", "Conv1"),
+    _segments("mobilenetv2_1.00_32", "block_1.a"),
+]
+
+
+def test_a_path_glob_matches_segments_whose_names_have_dots():
+    def dotted(selector):
+        return [u.segments for u in selector(DOTTED)]
+
+    base, conv, block = (u.segments for u in DOTTED)
+    assert DOTTED[0].name == "mobilenetv2_1.00_32" and DOTTED[0].depth == 1
+    assert dotted(S.path("mobilenetv2_1.00_32.**")) == [base, conv, block]
+    assert dotted(S.path("mobilenetv2_1.00_32")) == [base]
+    assert dotted(S.path("mobilenetv2_1.00_32.*")) == [conv, block]
+    assert dotted(S.path("*.Conv1")) == [conv]
+    assert dotted(S.path("*")) == [base]
+    assert dotted(S.path("**.block_1.a")) == [block]
+    assert dotted(S.path("00_32.**")) == []
+    assert dotted(S.name("mobilenetv2_1.00_32")) == [base]
+    assert dotted(S.name("00_32")) == []
+    # The same printed path from other segments (two nested layers) matches the same way.
+    split = [_segments("mobilenetv2_1", "00_32")]
+    assert [u.name for u in S.path("mobilenetv2_1.00_32")(split)] == ["00_32"]
+    assert not S.path("mobilenetv2_1.00_32.*")(split)
+    with pytest.raises(ValueError, match="is not its segments"):
+        Unit("a.b", "other", 0, 0, None, None, segments=("a", "c"))
+
+
+def test_a_path_glob_on_dot_free_names_is_the_plain_segment_glob():
+    # torch and Flax: the segments are the path's dotted parts.
+    assert UNITS[3].segments == ("base", "block1", "conv") and UNITS[3].depth == 3
+    assert paths(S.path("base*")) == ["base"]
+    assert paths(S.path("*.block1.*")) == ["base.block1.conv", "base.block1.preact_bn"]
+    assert paths(S.path("base.block1.conv.**")) == ["base.block1.conv"]
+
+
 def test_name_type_and_bn():
     assert paths(S.name("*preact_bn")) == ["base.block1.preact_bn"]
     assert paths(S.bn()) == ["base.block1.preact_bn"]

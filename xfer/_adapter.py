@@ -33,10 +33,20 @@ KINDS = ("batchnorm", "dropout", "conv", "dense", "norm", "container", "other")
 class Unit:
     """One layer of a native model, as xfer sees it.
 
-    ``path`` is dotted from the model root (``base.block1.bn``); ``index`` is the
-    position of the unit's top-level ancestor among the root's children (what
-    ``S.top``/``S.from_index`` use); ``n_params`` counts the elements of the unit's
-    own parameters; ``native`` is the framework object itself.
+    ``path`` is dotted from the model root (``base.block1.bn``); ``segments`` are its parts
+    as the framework names them (``("base", "block1", "bn")``), kept apart because a Keras
+    layer name may itself contain a dot (``mobilenetv2_1.00_224``): nothing re-splits
+    ``path``. An adapter whose names never contain a dot (torch, Flax) may leave
+    ``segments`` out; they are then ``path``'s dotted parts. ``index`` is the position of
+    the unit's top-level ancestor among the root's children, counted as the framework's
+    own list counts them (Keras's ``model.layers``, torch's ``children()``), which
+    ``S.top``/``S.from_index`` use; ``n_params`` counts the elements of the unit's own
+    parameters; ``native`` is the framework object itself.
+
+    Example:
+        >>> Unit("base.mobilenetv2_1.00_32", "container", 0, 0, None, None,
+        ...      segments=("base", "mobilenetv2_1.00_32")).name
+        'mobilenetv2_1.00_32'
     """
 
     path: str
@@ -47,16 +57,25 @@ class Unit:
     root: Any = dataclasses.field(compare=False, repr=False)
     params: tuple[str, ...] = ()  # native names of the unit's own parameters
     stats: tuple[str, ...] = ()  # native names of its own BN moving statistics
+    segments: tuple[str, ...] = ()  # path's parts; () with a non-empty path: its dotted parts
+
+    def __post_init__(self) -> None:
+        if not self.segments and self.path:
+            object.__setattr__(self, "segments", tuple(self.path.split(".")))
+        elif ".".join(self.segments) != self.path:
+            raise ValueError(
+                f"Unit path {self.path!r} is not its segments {self.segments!r} joined."
+            )
 
     @property
     def name(self) -> str:
-        """The unit's own name: the last segment of its path (``bn`` of ``base.block1.bn``)."""
-        return self.path.rpartition(".")[2]
+        """The unit's own name: its last segment (``bn`` of ``base.block1.bn``)."""
+        return self.segments[-1] if self.segments else ""
 
     @property
     def depth(self) -> int:
         """How far below the root: 0 for the root, 1 for its children, ..."""
-        return self.path.count(".") + bool(self.path)
+        return len(self.segments)
 
     @property
     def is_bn(self) -> bool:

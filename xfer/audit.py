@@ -25,8 +25,9 @@ class Finding:
         return f"[{self.severity}] {self.code}: {self.message} Units: {shown}. Fix: {self.fix}"
 
 
-def _parent(path: str) -> str:
-    return path.rpartition(".")[0]
+def _parent(unit: Unit) -> tuple[str, ...]:
+    # By segments: a Keras layer name may contain a dot.
+    return unit.segments[:-1]
 
 
 def audit(model: Any, batch_size: int | None = None) -> list[Finding]:
@@ -83,8 +84,8 @@ def audit(model: Any, batch_size: int | None = None) -> list[Finding]:
             "moving statistics.",
         )
     frozen_blocks = set()
-    for block in {_parent(u.path) for u in units} - {""}:
-        inside = [counts[u.path] for u in units if u.path.startswith(block + ".")]
+    for block in {_parent(u) for u in units} - {()}:
+        inside = [counts[u.path] for u in units if u.segments[: len(block)] == block != u.segments]
         if sum(f for _, f in inside) and not sum(t for t, _ in inside):
             frozen_blocks.add(block)
     add(
@@ -93,9 +94,7 @@ def audit(model: Any, batch_size: int | None = None) -> list[Finding]:
         [
             u
             for u in units
-            if u.kind == "dropout"
-            and modes[u.path] != "inference"
-            and _parent(u.path) in frozen_blocks
+            if u.kind == "dropout" and modes[u.path] != "inference" and _parent(u) in frozen_blocks
         ],
         "Dropout inside a fully frozen block is still active in training: it adds noise to "
         "features that cannot adapt to it (the Keras guide runs a frozen base in inference mode).",

@@ -148,14 +148,28 @@ def path(pattern: str) -> Selector:
     ``*`` matches within one segment, ``**`` any number of segments (zero included), so
     ``"base.**"`` is ``base`` and everything inside it.
 
+    The glob is matched against the path's segments as the framework names them, never
+    against the joined string split again at its dots. A Keras layer name may contain a
+    dot (``keras.applications.MobileNetV2`` is ``mobilenetv2_1.00_224``); that name is
+    one segment, and the pattern is written as the path is printed: the dotted pieces
+    of a pattern may together match one such segment (``"mobilenetv2_1.00_224.**"``),
+    and a ``*`` matches a segment's dots too (``"mobilenetv2*.**"``, ``"*.Conv1"``). A
+    ``**`` always stands for whole segments. On torch and Flax, whose names have no dots,
+    this is the plain segment glob.
+
     Example:
         >>> from xfer import select as S
         >>> S.path("head.**")
         path('head.**')
+        >>> from xfer._adapter import Unit
+        >>> unit = Unit("mobilenetv2_1.00_32.Conv1", "conv", 0, 0, None, None,
+        ...             segments=("mobilenetv2_1.00_32", "Conv1"))
+        >>> [len(S.path(p)([unit])) for p in ("mobilenetv2_1.00_32.**", "*.Conv1", "00_32.*")]
+        [1, 1, 0]
     """
     _check_pattern(pattern, "path")
     parts = pattern.split(".")
-    return _where(f"path({pattern!r})", lambda u: _glob_segments(parts, u.path.split(".")))
+    return _where(f"path({pattern!r})", lambda u: _glob_segments(parts, u.segments))
 
 
 def top(k: int) -> Selector:
@@ -194,17 +208,25 @@ def from_index(i: int) -> Selector:
     return Selector(f"from_index({i})", pick)
 
 
-def _glob_segments(pattern: list[str], segments: list[str]) -> bool:
+def _glob_segments(pattern: Sequence[str], segments: Sequence[str]) -> bool:
     if not pattern:
         return not segments
     head, rest = pattern[0], pattern[1:]
     if head == "**":
         return any(_glob_segments(rest, segments[j:]) for j in range(len(segments) + 1))
-    return (
-        bool(segments)
-        and fnmatch.fnmatchcase(segments[0], head)
-        and _glob_segments(rest, segments[1:])
-    )
+    if not segments:
+        return False
+    # The next 1, 2, ... pattern pieces, joined again by their dots, against one segment:
+    # a segment with a dot in its name (Keras) takes as many pieces as the user wrote. A
+    # joined glob has literal dots, so it can only match a segment that has them.
+    for j in range(1, len(pattern) + 1):
+        if "**" in pattern[:j]:
+            break
+        if fnmatch.fnmatchcase(segments[0], ".".join(pattern[:j])) and _glob_segments(
+            pattern[j:], segments[1:]
+        ):
+            return True
+    return False
 
 
 def _check_pattern(pattern: object, fn: str) -> None:

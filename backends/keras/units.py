@@ -136,14 +136,55 @@ def kind(layer) -> str:
     return unit_kind(layer, _KINDS, container)
 
 
-def segment(parent, child) -> str:
-    """The child's path segment: for a subclassed layer the attribute the parent holds it
-    under (with KERAS_BACKEND=torch in torch's ``_modules``, not ``__dict__``), else its name."""
-    for attrs in (vars(parent), getattr(parent, "_modules", {})):
-        for attr, value in attrs.items():
-            if value is child and not attr.startswith("_"):
-                return attr
-    return child.name
+def segments(parent, child) -> tuple[str, ...]:
+    """The child's path segments below ``parent``: for a subclassed layer the attribute the
+    parent holds it under (with KERAS_BACKEND=torch in torch's ``_modules``, not
+    ``__dict__``), followed by the position or key when that attribute is a list or dict of
+    layers (``blocks.0``, as torch's ``ModuleList`` and Flax give); else its Keras name,
+    one segment even when the name has a dot in it (``mobilenetv2_1.00_224``).
+
+    Example:
+        >>> class Net(keras.layers.Layer):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.blocks = [keras.layers.Dense(2), keras.layers.Dense(2)]
+        >>> net = Net()
+        >>> segments(net, net.blocks[1]), segments(net, keras.layers.Dense(2, name="a.b"))
+        (('blocks', '1'), ('a.b',))
+    """
+    attrs = [
+        (attr, value)
+        for held in (vars(parent), getattr(parent, "_modules", {}))
+        for attr, value in held.items()
+        if not attr.startswith("_")
+    ]
+    # An attribute of its own first: a list may also hold a layer that has one.
+    for attr, value in attrs:
+        if value is child:
+            return (attr,)
+    for attr, value in attrs:
+        inside = _held_in(value, child)
+        if inside is not None:
+            return (attr, *inside)
+    return (child.name,)
+
+
+def _held_in(value, child) -> tuple[str, ...] | None:
+    # Keras tracks layers in list, tuple and dict attributes (TrackedList/TrackedDict);
+    # the segments are positions and keys, as torch's ModuleList/ModuleDict name them.
+    if isinstance(value, (list, tuple)):
+        items = [(str(i), v) for i, v in enumerate(value)]
+    elif isinstance(value, dict):
+        items = [(str(k), v) for k, v in value.items()]
+    else:
+        return None
+    for key, item in items:
+        if item is child:
+            return (key,)
+        inside = _held_in(item, child)
+        if inside is not None:
+            return (key, *inside)
+    return None
 
 
 def walk(layer) -> list:
@@ -235,24 +276,30 @@ def pin_state(model) -> tuple:
 def units(model) -> list[Unit]:
     found: list[Unit] = []
 
-    def add(layer, path: str, index: int) -> None:
+    def add(layer, path: tuple[str, ...], index: int) -> None:
         params, buffers = tracked_variables(layer)
         # Moving statistics are BN's non-trainable variables (never parameters).
         stats = buffers if isinstance(layer, L.BatchNormalization) else []
         names = {"params": tuple(v.name for v in params), "stats": tuple(v.name for v in stats)}
-        found.append(Unit(path, kind(layer), index, _size(params), layer, model, **names))
+        size = _size(params)
+        found.append(
+            Unit(".".join(path), kind(layer), index, size, layer, model, **names, segments=path)
+        )
 
-    def visit(layer, path: str, index: int) -> None:
+    def visit(layer, path: tuple[str, ...], index: int) -> None:
         add(layer, path, index)
         for child in children(layer):
-            visit(child, f"{path}.{segment(layer, child)}", index)
+            visit(child, (*path, *segments(layer, child)), index)
 
     top = children(model)
     root = root_index(len(own_variables(model)), bool(top))
     if root is not None:
-        add(model, "", root)
+        add(model, (), root)
+    # A top-level layer's index is its position in `model.layers`, which for a functional
+    # model starts with the InputLayer(s): S.from_index(i) is then `model.layers[i:]`.
+    listed = {id(layer): i for i, layer in enumerate(getattr(model, "layers", top))}
     for i, child in enumerate(top):
-        visit(child, segment(model, child), i)
+        visit(child, segments(model, child), listed.get(id(child), i))
     return found
 
 

@@ -186,12 +186,12 @@ def _split(adapter: Adapter, model: Any, train: D.Data) -> tuple[list, Any, str]
             "models, a Sequential, a functional model without branches)"
         )
     units = adapter.units(model)
-    path_of = {id(u.native): u.path for u in units if "." not in u.path and u.path}
+    path_of = {id(u.native): u.path for u in units if u.depth == 1}
     if not all(id(child) in path_of for child in chain):
         return "a top-level child of the model is not a unit xfer can see"
     paths = [path_of[id(child)] for child in chain]
     for unit in units:
-        top = unit.path.split(".")[0]
+        top = unit.segments[0] if unit.segments else ""
         if top not in paths[:-1]:
             continue
         reason = _not_constant(adapter, unit)

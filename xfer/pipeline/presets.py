@@ -56,8 +56,10 @@ def fine_tune(
     ]
 
 
-def _top_level_count(model: Any) -> int:
-    return 1 + max(u.index for u in find_adapter(model).units(model))
+def _top_level_indices(model: Any) -> list[int]:
+    # The framework's own positions (Keras's model.layers starts with the InputLayer of a
+    # functional model, which is no unit), so they may start above 0.
+    return sorted({u.index for u in find_adapter(model).units(model) if u.index >= 0})
 
 
 def gradual(
@@ -69,7 +71,7 @@ def gradual(
         >>> [s.name for s in gradual(model)]                 # doctest: +SKIP
         ['top1', 'top2']
     """
-    n = _top_level_count(model)
+    n = len(_top_level_indices(model))
     return [
         Stage(f"top{k}", train=S.top(k), bn=bn, mode="inference", lr=lr, epochs=epochs_per_stage)
         for k in range(1, n + 1)
@@ -84,9 +86,11 @@ def discriminative(
     Example:
         >>> stage, = discriminative(model)                   # doctest: +SKIP
     """
-    n = _top_level_count(model)
+    indices = _top_level_indices(model)
+    n = len(indices)
     groups = tuple(
-        (S.from_index(i) & ~S.from_index(i + 1), lr / decay ** (n - 1 - i)) for i in range(n - 1)
+        (S.from_index(i) & ~S.from_index(i + 1), lr / decay ** (n - 1 - k))
+        for k, i in enumerate(indices[:-1])
     )
     return [Stage("discriminative", train=S.all(), bn=bn, lr=lr, epochs=epochs, lr_groups=groups)]
 
