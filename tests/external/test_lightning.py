@@ -190,6 +190,24 @@ def test_xfer_finetuning_selects_any_backbone_and_derives_its_lr(tmp_path):
     assert xfer.summary(module, print_fn=None).row("backbone.0.1").bn == "train"
 
 
+def test_xfer_finetuning_with_bn_training_while_frozen(tmp_path):
+    # frozen_bn="train": BackboneFinetuning's BN behaviour, asked for; the convs stay.
+    module, recorder = Classifier(), Recorder()
+    initial = xfer.snapshot(module)
+    callback = XferFinetuning(unfreeze_at_epoch=1, frozen_bn="train", bn="affine")
+    _trainer(tmp_path, 2, [callback, recorder]).fit(module, _loader())
+    bn = [
+        k for k in _params(module, "backbone.") if k.startswith(("backbone.0.1.", "backbone.2.1."))
+    ]
+    convs = [k for k in _params(module, "backbone.") if k not in bn]
+    assert_same(initial, recorder.snapshots[0], convs)
+    assert_changed(initial, recorder.snapshots[0], bn)
+    stats = bn_stats(module)
+    assert_changed(initial, recorder.stats[0], stats)  # "train": statistics update in epoch 0
+    assert_same(recorder.stats[0], recorder.stats[1])  # "affine" from epoch 1
+    assert_changed(recorder.snapshots[0], recorder.snapshots[1], convs)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
@@ -210,7 +228,9 @@ def test_xfer_finetuning_refuses_what_would_go_wrong_at_fit(tmp_path):
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
-    with pytest.raises(ValueError, match="the optimizer already holds 8 backbone parameters"):
+    with pytest.raises(
+        ValueError, match="the optimizer already holds 8 frozen backbone parameters"
+    ):
         _trainer(tmp_path, 1, [XferFinetuning(1)]).fit(AllParameters(), _loader())
     with pytest.raises(SelectionError, match=r"path\('encoder.\*\*'\) matches no unit"):
         callback = XferFinetuning(1, backbone=S.path("encoder.**"))

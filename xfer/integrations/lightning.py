@@ -123,12 +123,13 @@ class XferFinetuning(BaseFinetuning):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if trainer.current_epoch > self.unfreeze_at_epoch:
             return  # a resumed run: the optimizer was restored with the backbone's group
-        backbone = {id(p) for p in self.backbone_parameters(pl_module)}
+        # Frozen ones only: a frozen_bn that trains gamma/beta puts them there rightly.
+        frozen = {id(p) for p in self.backbone_parameters(pl_module) if not p.requires_grad}
         for optimizer in trainer.optimizers:
-            held = [p for g in optimizer.param_groups for p in g["params"] if id(p) in backbone]
+            held = [p for g in optimizer.param_groups for p in g["params"] if id(p) in frozen]
             if held:
                 raise ValueError(
-                    f"XferFinetuning: the optimizer already holds {len(held)} backbone "
+                    f"XferFinetuning: the optimizer already holds {len(held)} frozen backbone "
                     f"parameters ({self.backbone!r}), so they would train at its learning "
                     "rate from the unfreeze on. Give it only the trainable ones: "
                     "filter(lambda p: p.requires_grad, self.parameters()) in "
