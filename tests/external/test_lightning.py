@@ -74,10 +74,10 @@ def _loader():
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
 
 
-def _trainer(tmp_path, epochs: int, callbacks=()) -> L.Trainer:
+def _trainer(tmp_path, epochs: int, callbacks=(), checkpoints: bool = False) -> L.Trainer:
     return L.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=checkpoints, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=str(tmp_path), callbacks=list(callbacks),
     )  # fmt: skip
 
@@ -216,6 +216,30 @@ def test_xfer_finetuning_with_bn_training_while_frozen(tmp_path):
     assert_changed(initial, recorder.stats[0], stats)  # "train": statistics update in epoch 0
     assert_same(recorder.stats[0], recorder.stats[1])  # "affine" from epoch 1
     assert_changed(recorder.snapshots[0], recorder.snapshots[1], convs)
+
+
+def test_xfer_finetuning_resumes_after_the_unfreeze(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    first = Classifier()
+    initial = xfer.snapshot(first)
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path), save_last=True)
+    callbacks = [XferFinetuning(1, backbone_lr=1e-3), checkpoint]
+    _trainer(tmp_path, 2, callbacks, checkpoints=True).fit(first, _loader())
+
+    resumed, recorder = Classifier(), Recorder()
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path), save_last=True)
+    callbacks = [XferFinetuning(1, backbone_lr=1e-3), recorder, checkpoint]
+    trainer = _trainer(tmp_path, 3, callbacks, checkpoints=True)
+    trainer.fit(resumed, _loader(), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert len(recorder.snapshots) == 1  # epoch 2 only
+    assert recorder.groups[0] == [pytest.approx(1e-2), pytest.approx(1e-3)]
+    assert_changed(xfer.snapshot(first), recorder.snapshots[0], _params(resumed, "backbone."))
+    assert_same({k: initial[k] for k in bn_stats(resumed)}, recorder.stats[0])
+    summary = xfer.summary(resumed, print_fn=None)
+    assert (
+        summary.row("backbone.0.1").bn == "affine" and summary.row("backbone.1").mode == "inherit"
+    )
 
 
 @pytest.mark.parametrize(
