@@ -218,6 +218,8 @@ def test_xfer_finetuning_with_bn_training_while_frozen(tmp_path):
     assert_changed(recorder.snapshots[0], recorder.snapshots[1], convs)
 
 
+# The resumed run saves into the first run's directory, as a resumed run does.
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_xfer_finetuning_resumes_after_the_unfreeze(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
