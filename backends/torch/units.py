@@ -4,6 +4,9 @@ A unit is a submodule (``named_modules``); its own parameters are its ``_paramet
 its children's. A pinned mode is ``module._xfer_mode`` plus a forward pre-hook that sets
 ``module.training`` back to it right before the module computes: ``model.train()`` recurses
 into every child and overwrites ``training``, so nothing else would survive it.
+
+A ``FrozenBatchNorm2d`` (torchvision, timm, detectron2) is a BN unit that is frozen by
+construction: its gamma/beta buffers count as frozen parameters and its mode is inference.
 """
 
 from __future__ import annotations
