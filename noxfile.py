@@ -1,13 +1,17 @@
 """One test session per framework, plus lint.
 
-    nox                      # lint and all four test sessions
+    nox                      # lint, the four test sessions, parity, doctests, external models
     nox -s tests-flax        # one of them
+    nox -s tests-external    # Hugging Face transformers and Lightning, on torch 2.13.0+cpu
+    nox -s tests-torchvision # torchvision and timm, on their own torch (constraints-torchvision.txt)
     nox -s tests-torch -- -k adamw   # pytest arguments after --
     nox -s bench             # benchmarks against each framework's own loop (not by default)
 
 Each session installs only its framework; torch is pinned through constraints.txt
 (a newer torch would pull several GB of CUDA packages). Keras reads KERAS_BACKEND
-once per process, hence one session per Keras engine.
+once per process, hence one session per Keras engine. The external-model tests
+(tests/external) need libraries the four sessions do not install: they have sessions of
+their own, and the four ``--ignore`` that folder.
 """
 
 from __future__ import annotations
@@ -32,9 +36,17 @@ def _registry():
 REGISTRY = _registry()
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["lint", *(f"tests-{f.label}" for f in REGISTRY), "parity", "doctests"]
+nox.options.sessions = [
+    "lint",
+    *(f"tests-{f.label}" for f in REGISTRY),
+    "parity",
+    "doctests",
+    "tests-external",
+    "tests-torchvision",
+]
 
 CONSTRAINTS = ("-c", "constraints.txt")
+EXTERNAL = "tests/external"
 
 
 def _make_tests(backend: str, extras: list[str], env: dict[str, str]):
@@ -44,6 +56,7 @@ def _make_tests(backend: str, extras: list[str], env: dict[str, str]):
         keras_home = tempfile.mkdtemp(prefix="xfer-keras-")
         session.run(
             "pytest",
+            f"--ignore={EXTERNAL}",
             *session.posargs,
             env={
                 "XFER_TEST_BACKENDS": backend,
@@ -61,6 +74,44 @@ for _flavour in REGISTRY:
         _flavour.label,
         list(_flavour.extras),
         {"KERAS_BACKEND": _flavour.keras_engine} if _flavour.keras_engine else {},
+    )
+
+
+def _external(session: nox.Session, constraints: str, extra: str, files: list[str]) -> None:
+    session.install("-c", constraints, f".[{extra},dev]")
+    session.run(
+        "pytest",
+        *(f"{EXTERNAL}/{name}" for name in files),
+        *session.posargs,
+        env={
+            "XFER_TEST_BACKENDS": "torch",
+            "HF_HUB_OFFLINE": "1",  # nothing is downloaded: a stray hub call fails at once
+            # One thread: on a loaded 2-core machine torch's default thread pool made these
+            # files 5x slower (72 s against 15 s for tests-torchvision's tests).
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        },
+    )
+
+
+@nox.session(name="tests-external")
+def tests_external(session: nox.Session) -> None:
+    """xfer on Hugging Face transformers models (a plain loop and ``Trainer``) and inside
+    Lightning (stages, ``XferFinetuning`` against ``BackboneFinetuning``)."""
+    _external(
+        session, "constraints.txt", "test-external", ["test_huggingface.py", "test_lightning.py"]
+    )
+
+
+@nox.session(name="tests-torchvision")
+def tests_torchvision(session: nox.Session) -> None:
+    """The PyTorch transfer-learning tutorial on torchvision models, a detection backbone
+    with FrozenBatchNorm2d, and timm models; on torch 2.14.1 (torchvision does not import
+    beside the 2.13.0 CPU build), pinned in constraints-torchvision.txt."""
+    _external(
+        session,
+        "constraints-torchvision.txt",
+        "test-torchvision",
+        ["test_torchvision.py", "test_timm.py"],
     )
 
 

@@ -11,12 +11,12 @@ import pytest
 import xfer
 from xfer import _config
 
-FRAMEWORKS = ("torch", "keras", "jax", "flax", "tensorflow", "optax")
+FRAMEWORKS = ("torch", "keras", "jax", "flax", "tensorflow", "optax", "lightning", "transformers")
 
 
 def test_import_xfer_imports_no_framework():
     code = (
-        "import sys, xfer, xfer.select, xfer.state, xfer.summary, xfer.audit;"
+        "import sys, xfer, xfer.select, xfer.state, xfer.summary, xfer.audit, xfer.integrations;"
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

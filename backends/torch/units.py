@@ -4,6 +4,9 @@ A unit is a submodule (``named_modules``); its own parameters are its ``_paramet
 its children's. A pinned mode is ``module._xfer_mode`` plus a forward pre-hook that sets
 ``module.training`` back to it right before the module computes: ``model.train()`` recurses
 into every child and overwrites ``training``, so nothing else would survive it.
+
+A ``FrozenBatchNorm2d`` (torchvision, timm, detectron2) is a BN unit that is frozen by
+construction: its gamma/beta buffers count as frozen parameters and its mode is inference.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
@@ -43,6 +47,23 @@ MODE_DEPENDENT = (
 
 PIN = "_xfer_mode"  # the attribute that holds a module's pinned mode
 BN_STATS = ("running_mean", "running_var")
+FROZEN_BN_TENSORS = ("weight", "bias", *BN_STATS)
+
+
+def is_frozen_bn(native: nn.Module) -> bool:
+    """Whether ``native`` is a BatchNorm frozen by construction: torchvision's
+    ``FrozenBatchNorm2d`` (detection backbones) or timm's ``FrozenBatchNorm2d``/
+    ``FrozenBatchNormAct2d`` (``timm.layers.freeze_batch_norm_2d``). They hold gamma, beta
+    and the statistics as buffers and always normalise with the statistics; recognised by
+    name and buffers, so that neither library is imported here.
+
+    Example:
+        >>> is_frozen_bn(nn.BatchNorm2d(4)), is_frozen_bn(nn.ReLU())
+        (False, False)
+    """
+    if not type(native).__name__.startswith("FrozenBatchNorm") or own_params(native):
+        return False
+    return all(isinstance(native._buffers.get(n), torch.Tensor) for n in FROZEN_BN_TENSORS)
 
 
 def kind(native: nn.Module) -> str:
@@ -52,6 +73,8 @@ def kind(native: nn.Module) -> str:
         >>> kind(nn.BatchNorm2d(4)), kind(nn.Sequential(nn.ReLU())), kind(nn.ReLU())
         ('batchnorm', 'container', 'other')
     """
+    if is_frozen_bn(native):
+        return "batchnorm"
     container = next(native.children(), None) is not None and not native._parameters
     return unit_kind(native, _KINDS, container)
 
@@ -113,6 +136,8 @@ def units(model: nn.Module) -> list[Unit]:
             index = top[path.split(".")[0]]
         params = tuple(n for n, p in module._parameters.items() if p is not None)
         stats = BN_STATS if isinstance(module, _BatchNorm) else ()
+        if is_frozen_bn(module):  # gamma/beta are buffers: frozen tensors, as the stats
+            params, stats = FROZEN_BN_TENSORS[:2], BN_STATS
         found.append(Unit(path, kind(module), index, n_params, module, model, params, stats))
     return found
 
@@ -133,6 +158,8 @@ def mode_free(unit: Unit) -> bool:
 
 
 def param_counts(unit: Unit) -> tuple[int, int]:
+    if is_frozen_bn(unit.native):  # gamma and beta never train: frozen parameters
+        return 0, sum(unit.native._buffers[n].numel() for n in FROZEN_BN_TENSORS[:2])
     params = own_params(unit.native)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     return trainable, sum(p.numel() for p in params) - trainable
@@ -148,6 +175,8 @@ def set_trainable(unit: Unit, trainable: bool) -> None:
 
 
 def get_mode(unit: Unit) -> Mode:
+    if is_frozen_bn(unit.native):  # normalises with its statistics whatever the mode
+        return "inference"
     return unit.native.__dict__.get(PIN) or "inherit"
 
 
