@@ -13,6 +13,7 @@ from PIL import Image
 
 from xfer import _config
 from xfer.cli import main
+from xfer.cli.run import data_run_text
 
 FACTORIES = '''
 import xfer
@@ -77,16 +78,18 @@ def test_xfer_run_on_an_image_folder_with_a_reference_model(kit, folder, capsys)
     assert report["weights"] == "random" and report["model"] == "small_cnn"
     stages = report["history"]["stages"]
     assert [s["name"] for s in stages] == ["head", "finetune"]
-    assert all(s["changed"] == [] for s in stages) and stages[0]["kept"] == 12  # base tensors, BN statistics too
+    assert (
+        all(s["changed"] == [] for s in stages) and stages[0]["kept"] == 12
+    )  # base tensors, BN statistics too
     assert np.isfinite(stages[-1]["epochs"][-1]["val_loss"])
-    # The text says the same, and the normalisation.
-    assert main(["run", "--quiet", "--quick", *args]) == 0
-    text = capsys.readouterr().out
+    # The text (made from the same report) says the same, and the normalisation.
+    text = data_run_text(report)
     assert "3 classes, 18 training and 6 validation images of 12x12x3" in text
     assert "normalised: pixels / 255" in text and "circle 6/2, square 6/2, star 6/2" in text
 
 
-@pytest.mark.backends("keras-jax", "keras-torch")
+# One engine: the whole MobileNetV2 takes the longest of this file (keras-torch: no compile).
+@pytest.mark.backends("keras-torch")
 def test_xfer_run_on_a_keras_applications_backbone(kit, folder, capsys):
     status, report = _run(
         capsys,
@@ -148,6 +151,9 @@ def test_a_model_that_cannot_be_built_is_one_line(folder, factories, capsys, mod
     assert status == 2 and len(lines) == 1 and message in lines[0], err
 
 
+# Two backends in one session: Keras's two engines (CI's keras-torch session has both), or
+# torch beside flax where both are installed.
+@pytest.mark.backends("torch", "keras-torch")
 def test_xfer_compare_on_an_image_folder(kit, folder, tmp_path, capsys):
     backend = _backend(kit)
     # A second backend where one is installed (Keras brings its other engine itself).
@@ -162,3 +168,32 @@ def test_xfer_compare_on_an_image_folder(kit, folder, tmp_path, capsys):
         pytest.skip("one backend installed: nothing to compare")
     assert result["verdict"] == "agree" and result["largest"]["relative"] < 1e-4
     assert "images" in (out / "report.md").read_text()
+
+
+@pytest.mark.backends("torch")
+def test_the_readme_data_example_is_what_a_fresh_run_prints(kit, tmp_path, monkeypatch, capsys):
+    """The README's `xfer run --data` block (scripts/readme_numbers.py wrote it), re-run."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"<!-- readme_numbers:run-data -->\n(.*?)<!-- /", readme, re.S)
+    assert block, "README.md has no readme_numbers:run-data block"
+    commands = re.findall(r"^\$ xfer (.*)$", block.group(1), re.M)
+    assert commands[0] == "digits digits" and commands[1].startswith("run --backend torch --data")
+    monkeypatch.chdir(tmp_path)
+    assert main(commands[0].split()) == 0
+    assert main([*commands[1].split(), "--format", "json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    data_line = re.search(r"^data: .*$", block.group(1), re.M).group(0)
+    assert "data: digits, 10 classes, 240 training and 60 validation images" in data_line
+    rows = re.findall(r"^\w+\s+\d+\s+(\d\.\d+)\s+(\d\.\d+)\s+(\d\.\d+)", block.group(1), re.M)
+    fresh = [
+        (s["epochs"][-1]["loss"], s["epochs"][-1]["val_loss"], s["epochs"][-1]["val_accuracy"])
+        for s in report["history"]["stages"]
+    ]
+    assert len(rows) == len(fresh) == 2
+    for readme_row, now in zip(rows, fresh, strict=True):
+        assert now == pytest.approx(tuple(map(float, readme_row)), abs=0.005), (
+            f"README says {readme_row}, a fresh run gives {now}; rerun scripts/readme_numbers.py"
+        )

@@ -143,8 +143,9 @@ def split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np
     validate (at least one when the class has two or more), the rest train.
 
     Example:
-        >>> train, val = split(np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1]), 0.2, seed=0)
-        >>> len(train), len(val), sorted(np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])[val])
+        >>> y = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+        >>> train, val = split(y, 0.2, seed=0)
+        >>> len(train), len(val), y[val].tolist()
         (8, 2, [0, 1])
     """
     rng = np.random.default_rng(seed)
