@@ -61,13 +61,16 @@ def data_run() -> str:
     with tempfile.TemporaryDirectory() as directory:
         os.chdir(directory)
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
+            with contextlib.redirect_stdout(io.StringIO()) as written:
                 xfer_main(DATA_COMMANDS[0].split()[1:])
             report = xfer_run(*DATA_COMMANDS[1].split()[4:])
         finally:
             os.chdir(here)
-    commands = "\n".join(f"$ {c}" for c in DATA_COMMANDS)
-    return f"```text\n{commands}\n{data_run_text(report)}\n```"
+    first, second = DATA_COMMANDS
+    return (
+        f"```text\n$ {first}\n{written.getvalue().strip()}\n$ {second}\n"
+        f"{data_run_text(report)}\n```"
+    )
 
 
 def final_accuracy(report: dict) -> float:
