@@ -197,3 +197,23 @@ def test_the_readme_data_example_is_what_a_fresh_run_prints(kit, tmp_path, monke
         assert now == pytest.approx(tuple(map(float, readme_row)), abs=0.005), (
             f"README says {readme_row}, a fresh run gives {now}; rerun scripts/readme_numbers.py"
         )
+
+
+@pytest.mark.backends("torch")
+def test_xfer_run_data_starts_from_a_weights_file_of_the_whole_model(kit, folder, tmp_path, capsys):
+    from xfer import job, save_weights
+
+    images = job.load_data({"path": str(folder)})
+    path = tmp_path / "start.safetensors"
+    save_weights(job.data_model("torch", "small_cnn", images, seed=5), path)
+    args = ["--backend", "torch", "--data", str(folder), "--format", "json"]
+    status, loaded = _run(capsys, *args, "--weights", str(path))
+    assert status == 0 and loaded["weights"] == "file" and loaded["weights_path"] == str(path)
+    status, fresh = _run(capsys, *args)
+    assert status == 0 and fresh["weights"] == "random"
+    first = [r["history"]["stages"][0]["epochs"][0]["loss"] for r in (loaded, fresh)]
+    assert first[0] != first[1]  # seed 5's weights, not seed 0's
+    other = tmp_path / "other.safetensors"
+    save_weights(job.data_model("torch", "resnet18", images), other)
+    status, err = _run(capsys, *args[:-2], "--weights", str(other))
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
