@@ -11,8 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from xfer import _config
 from xfer.cli import main
 from xfer.data import images
+
+# The CLI refuses bad data before any model is built, on whichever backend is installed.
+BACKEND = next(b for b in _config.BACKENDS if not _config.missing(b))
 
 
 def _folder(root, classes=("cat", "dog", "emu"), n=10, size=(12, 12), mode="RGB", seed=0):
@@ -134,7 +138,7 @@ def test_bad_data_is_an_error_naming_the_file_and_the_fix(tmp_path, case, capsys
         images.load(path)
     assert message in str(error.value)
     # The CLI: one line naming it, exit 2, before any model is built.
-    assert main(["run", "--backend", "torch", "--quiet", "--data", str(path)]) == 2
+    assert main(["run", "--backend", BACKEND, "--quiet", "--data", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("xfer run: ") and message in err[0]
     if case == "mixed sizes":
@@ -149,7 +153,7 @@ def test_bad_data_options_are_one_line(tmp_path, capsys):
         (["--model", "resnet18"], "--model resnet18 needs --data DIR"),
     ):
         with pytest.raises(SystemExit) if "argument" in message else _no_exit():
-            status = main(["run", "--backend", "torch", "--quiet", *args])
+            status = main(["run", "--backend", BACKEND, "--quiet", *args])
             assert status == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err

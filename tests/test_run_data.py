@@ -143,7 +143,8 @@ def test_xfer_run_on_a_factory_model(kit, folder, factories, capsys):
         ("keras:MobileNetV2", "keras.applications models run on Keras: pass --backend keras"),
     ],
 )
-def test_a_model_that_cannot_be_built_is_one_line(folder, factories, capsys, model, message):
+@pytest.mark.backends("torch")
+def test_a_model_that_cannot_be_built_is_one_line(kit, folder, factories, capsys, model, message):
     status, err = _run(
         capsys, "--backend", "torch", "--data", str(folder), "--model", model.format(f=factories)
     )

@@ -92,8 +92,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.model not in (None, "small_cnn") or args.head is not None:
         return fail(
             "run",
-            f"--model {args.model or 'small_cnn'}{' --head' if args.head is not None else ''} "
-            "needs --data DIR (your images): the embedded task transfers the shipped "
+            f"{'--model ' + args.model if args.model else '--head/--no-head'} needs --data "
+            "DIR (your images): the embedded task transfers the shipped "
             "small_cnn (xfer compare --model resnet18 runs the ResNet on it).",
             EXIT_BAD_INPUT,
         )
