@@ -101,6 +101,13 @@ def test_xfer_run_on_a_keras_applications_backbone(kit, folder, capsys):
     # The preset's head stage trains xfer's head only: the whole MobileNetV2 stays as it was.
     assert head["n_trainable"] == 1280 * 3 + 3 and head["changed"] == []
     assert head["n_frozen"] > 2_000_000 and finetune["n_frozen"] == 0
+    assert report["data"]["normalisation"].startswith("pixels / 255")  # random weights
+    # What --weights imagenet feeds instead (the download itself needs the network).
+    from xfer.backends.keras.models import imagenet_preprocessing
+
+    preprocess, said = imagenet_preprocessing("MobileNetV2")
+    assert said.startswith("keras.applications.mobilenet_v2.preprocess_input")
+    np.testing.assert_allclose(preprocess(np.array([0.0, 0.5, 1.0])), [-1.0, 0.0, 1.0], atol=1e-6)
 
 
 @pytest.mark.backends("keras-jax")

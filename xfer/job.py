@@ -519,6 +519,18 @@ def run(
     return RunResult(backend, preset, bn, origin, path, accuracy, history)
 
 
+def _imagenet_ready(model: str, images: images_data.ImageData) -> images_data.ImageData:
+    """``images`` as a keras.applications model's ImageNet weights expect them (Keras only:
+    see ``xfer.backends.keras.models.imagenet_preprocessing``)."""
+    from xfer.backends.keras.models import imagenet_preprocessing
+
+    preprocess, said = imagenet_preprocessing(model.partition(":")[2])
+    (tx, ty), (vx, vy) = images.train, images.val
+    return dataclasses.replace(
+        images, train=(preprocess(tx), ty), val=(preprocess(vx), vy), normalisation=said
+    )
+
+
 @dataclasses.dataclass
 class DataRunResult:
     backend: str
@@ -568,6 +580,8 @@ def run_on_data(
     net = data_model(backend, model, images, seed=arguments["seed"], head=head, weights=download)
     if weights is not None and download is None:
         load_weights(net, weights)  # a file of this model's neutral weights
+    if download and images.normalisation == images_data.NORMALISATION:
+        images = _imagenet_ready(model, images)
     pipe = _pipeline(
         net,
         arguments["preset"],

@@ -11,9 +11,11 @@ saved files refer to.
 
 from __future__ import annotations
 
+import importlib
 import socket
 
 import keras
+import numpy as np
 
 from xfer.backends._common import resnet_layout
 
@@ -55,6 +57,20 @@ def application(name: str, input_shape: tuple[int, int, int], weights: str | Non
         ) from error
     finally:
         socket.setdefaulttimeout(previous)
+
+
+def imagenet_preprocessing(name: str):
+    """What ``keras.applications.<name>``'s ImageNet weights expect of [0, 1] images: the
+    model module's own ``preprocess_input`` on 0-255 pixels (``[-1, 1]`` for MobileNetV2,
+    BGR minus the ImageNet mean for ResNet50, unchanged for EfficientNet, which rescales
+    inside the model). Returns the numpy function and how the report states it."""
+    module = importlib.import_module(getattr(keras.applications, name).__module__)
+    public = module.__name__.replace("keras.src.", "keras.")
+
+    def preprocess(x01):
+        return np.asarray(module.preprocess_input(np.asarray(x01, "float32") * 255.0), "float32")
+
+    return preprocess, f"{public}.preprocess_input on 0-255 pixels (the ImageNet weights' own)"
 
 
 @keras.saving.register_keras_serializable(package="xfer")
