@@ -190,7 +190,7 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
 
 
 def data_options(args: argparse.Namespace) -> dict | None:
-    """The ``data`` of :func:`xfer.job.run_on_data` (``None`` without ``--data``); a
+    """The ``data`` of :func:`xfer.data_job.run_on_data` (``None`` without ``--data``); a
     ``ValueError`` for a data option given without ``--data``.
 
     Example:

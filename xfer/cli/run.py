@@ -132,14 +132,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_on_data(args: argparse.Namespace, backend: str, data: dict) -> int:
-    """``xfer run --data``: :func:`xfer.job.run_on_data`, printed like the embedded task."""
-    from xfer import job
+    """``xfer run --data``: :func:`xfer.data_job.run_on_data`, printed like the embedded task."""
+    from xfer import data_job
     from xfer.checkpoint import CheckpointError
     from xfer.pipeline import Interrupted, NonFiniteLoss
 
     with terminal_progress(args) as progress:
         try:
-            result = job.run_on_data(
+            result = data_job.run_on_data(
                 backend,
                 data,
                 model=args.model or "small_cnn",
