@@ -1,7 +1,7 @@
 """Write the README's main-job numbers from ``xfer run --format json``, so they are what a
 fresh machine prints (tests/test_source_weights.py checks them against a fresh run).
 
-    python scripts/readme_numbers.py            # the `xfer run --backend torch` block
+    python scripts/readme_numbers.py            # the `xfer run --backend torch` blocks
     python scripts/readme_numbers.py --table    # and the BN-policy table over three seeds
 
 Each run is ``xfer run --backend torch --format json`` through the CLI's own ``main``
@@ -16,11 +16,13 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import re
+import tempfile
 from pathlib import Path
 
 from xfer.cli import main as xfer_main
-from xfer.cli.run import run_text
+from xfer.cli.run import data_run_text, run_text
 from xfer.files import write_text
 from xfer.job import shipped_path
 from xfer.tables import table
@@ -45,6 +47,30 @@ def xfer_run(*options: str) -> dict:
     if status != 0:
         raise SystemExit(f"xfer run {' '.join(options)} exited {status}")
     return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+# The README's second example: the embedded digits written as PNG class folders by
+# `xfer digits`, then the main job on them as on any user's images.
+DATA_COMMANDS = ("xfer digits digits", "xfer run --backend torch --data digits --preset fine_tune")
+
+
+def data_run() -> str:
+    """The README's ``xfer run --data`` block: both commands run in a fresh folder (so the
+    report names ``digits`` as the user's shell would)."""
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory() as directory:
+        os.chdir(directory)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()) as written:
+                xfer_main(DATA_COMMANDS[0].split()[1:])
+            report = xfer_run(*DATA_COMMANDS[1].split()[4:])
+        finally:
+            os.chdir(here)
+    first, second = DATA_COMMANDS
+    return (
+        f"```text\n$ {first}\n{written.getvalue().strip()}\n$ {second}\n"
+        f"{data_run_text(report)}\n```"
+    )
 
 
 def final_accuracy(report: dict) -> float:
@@ -84,6 +110,7 @@ def main() -> None:
     text = README.read_text()
     block = f"```text\n$ xfer run --backend torch\n{run_text(xfer_run())}\n```"
     text = replace_block(text, "run", block)
+    text = replace_block(text, "run-data", data_run())
     if args.table:
         text = replace_block(text, "bn-table", bn_table())
     write_text(README, text)

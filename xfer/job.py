@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from xfer import _config, models
+from xfer import _config, model_spec, models
 from xfer import select as S
 from xfer._adapter import load_adapter
 from xfer.data import digits
+from xfer.data import images as images_data
 from xfer.pipeline import History, Stage, TransferPipeline, evaluate, presets
 from xfer.weights import export_weights, import_weights, load_weights
 
@@ -54,9 +55,21 @@ def shipped_path() -> Path:
 # conventions would differ, as tests/parity.py checks); it starts from freshly initialised
 # seeded weights (no pretraining: nothing of it is cached or shipped), built once on the first
 # backend and handed to the others as neutral weights like the small CNN's.
-MODELS = ("small_cnn", "resnet18")
 RESNET_WIDTH = 4
 RESNET_UPSAMPLE = 2
+# The reference models by name: (num_classes, in_channels, seed, backend) -> native model.
+# One line adds one (its units base.** and head.**, as the presets expect).
+REFERENCE_MODELS: dict[str, Callable[[int, int, int, str], Any]] = {
+    # No Dropout: each framework draws its own masks, and `xfer compare` must see the same
+    # numbers on every backend.
+    "small_cnn": lambda classes, channels, seed, backend: models.small_cnn(
+        classes, channels, width=WIDTH, dropout=0.0, seed=seed, backend=backend
+    ),
+    "resnet18": lambda classes, channels, seed, backend: models.resnet(
+        18, classes, channels, width=RESNET_WIDTH, seed=seed, backend=backend
+    ),
+}
+MODELS = tuple(REFERENCE_MODELS)
 
 
 def build_model(backend: str, seed: int, model: str = "small_cnn") -> Any:
@@ -68,17 +81,10 @@ def build_model(backend: str, seed: int, model: str = "small_cnn") -> Any:
         >>> export_weights(net)["base.block1.conv.kernel"].shape
         (3, 3, 1, 16)
     """
-    if model == "resnet18":
-        return models.resnet(
-            18, digits.TransferTask.num_classes, 1, width=RESNET_WIDTH, seed=seed, backend=backend
-        )
-    if model != "small_cnn":
+    if model not in REFERENCE_MODELS:
         raise ValueError(f"Unknown model {model!r}: expected one of {', '.join(MODELS)}.")
-    # No Dropout: each framework draws its own masks, and `xfer compare` must see the same
-    # numbers on every backend.
-    return models.small_cnn(
-        digits.TransferTask.num_classes, 1, width=WIDTH, dropout=0.0, seed=seed, backend=backend
-    )
+    task = digits.TransferTask
+    return REFERENCE_MODELS[model](task.num_classes, task.in_channels, seed, backend)
 
 
 def pretrain(
@@ -246,9 +252,14 @@ def transfer_pipeline(
     cache: str = "auto",
     device: str = "auto",
     model: str = "small_cnn",
+    data: dict | None = None,
+    head: bool | None = None,
 ) -> tuple[TransferPipeline, tuple, tuple]:
     """The pipeline of the transfer on the target task (its model freshly built on
     ``backend``, one of :data:`MODELS`), with the training and validation data.
+    ``data``: the user's images instead (the options of :func:`load_data`), ``model``
+    then anything :mod:`xfer.model_spec` builds, with ``head`` (random weights: the start
+    is imported after).
 
     Example:
         >>> pipe, train, val = transfer_pipeline("torch", bn="adapt")
@@ -256,22 +267,72 @@ def transfer_pipeline(
         >>> [(s.name, s.bn) for s in pipe.stages], train[0].shape
         ([('head', 'adapt'), ('finetune', 'adapt')], (100, 8, 8, 1))
     """
-    task = digits.transfer_task(seed=seed)
-    net = build_model(backend, seed, model)
+    if data is None:
+        task = digits.transfer_task(seed=seed)
+        net = build_model(backend, seed, model)
+        train, val = _images_for(model, task.target_train), _images_for(model, task.target_val)
+    else:
+        images = load_data(data, seed)
+        net = data_model(backend, model, images, seed=seed, head=head)
+        train, val = images.train, images.val
+    options = dict(checkpoint_dir=checkpoint_dir, cache=cache, device=device)
+    return _pipeline(net, preset, bn, seed, quick, progress, **options), train, val
+
+
+def _pipeline(net, preset, bn, seed, quick, progress, **options) -> TransferPipeline:
     # SGD with momentum: the frameworks' Adam differ in where epsilon goes (Keras adds it
     # before the bias correction), which fifty epochs turn into visibly different curves.
-    pipe = TransferPipeline(
+    return TransferPipeline(
         net,
         stages_for(preset, net, bn, quick),
         optimizer="momentum",
         batch_size=16,
         seed=seed,
         progress=progress,
-        checkpoint_dir=checkpoint_dir,
-        cache=cache,
-        device=device,
+        **options,
     )
-    return pipe, _images_for(model, task.target_train), _images_for(model, task.target_val)
+
+
+def load_data(data: dict, seed: int = 0) -> images_data.ImageData:
+    """The user's images of ``data`` (``path``, and optionally ``image_size`` (h, w),
+    ``color``, ``val_fraction``: those of :func:`xfer.data.images.load`), split by ``seed``.
+
+    Example:
+        >>> images = load_data({"path": "my_images/", "image_size": (32, 32)})   # doctest: +SKIP
+    """
+    options = dict(data)
+    if options.get("image_size") is not None:
+        options["image_size"] = tuple(options["image_size"])
+    return images_data.load(options.pop("path"), seed=seed, **options)
+
+
+def data_model(
+    backend: str,
+    model: str,
+    images: images_data.ImageData,
+    *,
+    seed: int = 0,
+    head: bool | None = None,
+    weights: str | None = None,
+) -> Any:
+    """``model`` (a name of :data:`MODELS`, ``keras:NAME`` or ``package.module:function``:
+    see :func:`xfer.model_spec.build`) for ``images``' classes and image shape.
+
+    Example:
+        >>> net = data_model("torch", "keras:MobileNetV2", images)   # doctest: +SKIP
+        Traceback (most recent call last):
+        ValueError: --model keras:MobileNetV2: keras.applications models run on Keras: ...
+    """
+    return model_spec.build(
+        model,
+        backend,
+        num_classes=images.num_classes,
+        input_shape=images.image_shape,
+        seed=seed,
+        reference=REFERENCE_MODELS,
+        head=head,
+        weights=weights,
+    )
 
 
 def transfer(
@@ -301,6 +362,8 @@ def transfer_on_other_keras_engine(
     seed: int,
     quick: bool,
     model: str = "small_cnn",
+    data: dict | None = None,
+    head: bool | None = None,
 ) -> History:
     """:func:`transfer` on Keras with ``engine`` (jax or torch), in a subprocess: Keras reads
     KERAS_BACKEND once per process. Starts from the same neutral weights.
@@ -320,7 +383,7 @@ def transfer_on_other_keras_engine(
         "history, _ = job.transfer('keras', load_file(sys.argv[1]), **json.loads(sys.argv[2]))\n"
         "answer(history.to_dict())\n"
     )
-    options = dict(preset=preset, bn=bn, seed=seed, quick=quick, model=model)
+    options = dict(preset=preset, bn=bn, seed=seed, quick=quick, model=model, data=data, head=head)
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "start.safetensors")
         write_arrays(path, start)  # contiguous first: see xfer.files
@@ -341,6 +404,8 @@ def transfer_on_backends(
     seed: int = 0,
     quick: bool = False,
     model: str = "small_cnn",
+    data: dict | None = None,
+    head: bool | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, History]:
     """The same transfer on each of ``backends``, from the same start weights and data
@@ -351,7 +416,9 @@ def transfer_on_backends(
 
     Args:
         backends: the frameworks, the first one being everyone's reference.
-        preset, bn, seed, quick, model: as for :func:`transfer_pipeline`.
+        preset, bn, seed, quick, model, data, head: as for :func:`transfer_pipeline`
+            (``data``: the user's images; every model then starts from fresh seeded
+            weights, built once on the first backend).
         progress: called with a line (or an epoch's progress) as the runs go.
 
     Returns:
@@ -362,12 +429,26 @@ def transfer_on_backends(
         >>> list(histories), histories["torch"].ok
         (['torch'], True)
     """
-    if model == "small_cnn":
-        weights, _ = pretrained(backends[0], seed, progress, quick)
-    else:
-        weights = None  # see MODELS: the ResNet starts from fresh seeded weights
-    start = start_weights(backends[0], weights, seed, model=model)
     options = dict(preset=preset, bn=bn, seed=seed, quick=quick, model=model)
+    if data is not None:
+        # Checked, and the start built, before anything trains: the data, the model, and
+        # that it runs where asked (a keras.applications model: Keras only).
+        allowed = model_spec.backends_for(model, REFERENCE_MODELS)
+        refused = [b for b in backends if allowed is not None and b not in allowed]
+        if refused:
+            raise ValueError(
+                f"--model {model} runs on {', '.join(allowed)} only (both Keras engines), "
+                f"not {', '.join(refused)}: pass --backend {allowed[0]}."
+            )
+        options.update(data=data, head=head)
+        start = export_weights(
+            data_model(backends[0], model, load_data(data, seed), seed=seed + 1, head=head)
+        )
+    elif model == "small_cnn":
+        weights, _ = pretrained(backends[0], seed, progress, quick)
+        start = start_weights(backends[0], weights, seed, model=model)
+    else:  # see MODELS: the ResNet starts from fresh seeded weights
+        start = start_weights(backends[0], None, seed, model=model)
     histories = {}
     for backend in backends:
         history, _ = transfer(backend, start, progress=progress, **options)

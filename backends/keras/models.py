@@ -11,11 +11,66 @@ saved files refer to.
 
 from __future__ import annotations
 
+import importlib
+import socket
+
 import keras
+import numpy as np
 
 from xfer.backends._common import resnet_layout
 
 L = keras.layers
+
+# Seconds a socket of a --weights imagenet download may wait: without a network, fail at
+# once instead of hanging (Keras's download sets no timeout).
+DOWNLOAD_TIMEOUT = 20
+
+
+def application(name: str, input_shape: tuple[int, int, int], weights: str | None = None):
+    """``keras.applications.<name>`` without its top (``include_top=False``) on images of
+    ``input_shape``: the backbone of ``xfer run --model keras:NAME`` (``weights=None``:
+    random weights; ``"imagenet"``: downloaded by Keras, which needs the network once).
+
+    Called on Keras only (``xfer.job`` imports this module on the Keras backend): not a
+    ``Models`` member, keras.applications has no counterpart in the other frameworks.
+    """
+    factory = getattr(keras.applications, name, None)
+    if not name[:1].isupper() or not callable(factory):
+        raise ValueError(
+            f"keras:{name}: keras.applications has no model {name!r}; e.g. keras:MobileNetV2, "
+            "keras:ResNet50, keras:EfficientNetB0 (the names are case-sensitive)."
+        )
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
+    try:
+        return factory(weights=weights, include_top=False, input_shape=tuple(input_shape))
+    except ValueError as error:
+        raise ValueError(
+            f"keras:{name} does not take images of shape {tuple(input_shape)}: "
+            f"{' '.join(str(error).split())} (see --image-size and --color)"
+        ) from error
+    except Exception as error:  # Keras wraps a failed download in a bare Exception
+        raise ConnectionError(
+            f"keras:{name} --weights {weights}: the weights could not be downloaded "
+            f"({' '.join(str(error).split())}). They need the network once (Keras keeps them "
+            "in ~/.keras/models); leave out --weights to start from random weights."
+        ) from error
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def imagenet_preprocessing(name: str):
+    """What ``keras.applications.<name>``'s ImageNet weights expect of [0, 1] images: the
+    model module's own ``preprocess_input`` on 0-255 pixels (``[-1, 1]`` for MobileNetV2,
+    BGR minus the ImageNet mean for ResNet50, unchanged for EfficientNet, which rescales
+    inside the model). Returns the numpy function and how the report states it."""
+    module = importlib.import_module(getattr(keras.applications, name).__module__)
+    public = module.__name__.replace("keras.src.", "keras.")
+
+    def preprocess(x01):
+        return np.asarray(module.preprocess_input(np.asarray(x01, "float32") * 255.0), "float32")
+
+    return preprocess, f"{public}.preprocess_input on 0-255 pixels (the ImageNet weights' own)"
 
 
 @keras.saving.register_keras_serializable(package="xfer")

@@ -2,7 +2,7 @@
 
 The command line: :func:`main` (the ``xfer`` console script) and its parser. Each command
 is a module of this package (``info``, ``demo``, ``semantics``, ``pretrain``, ``run``,
-``compare``) with the same three names: ``HELP`` (its line in ``xfer --help``),
+``compare``, ``digits``) with the same three names: ``HELP`` (its line in ``xfer --help``),
 ``add_arguments(parser)`` and ``cmd_<name>(args)`` (returns the exit status). Beside them:
 :mod:`~xfer.cli.options` (options several commands share), :mod:`~xfer.cli.progress` (the
 progress display), :mod:`~xfer.cli.report` (the compare report) and :mod:`~xfer.cli.errors`
@@ -20,9 +20,10 @@ import sys
 import warnings
 from typing import NoReturn
 
-from xfer.cli import compare, demo, info, pretrain, run, semantics
+from xfer.cli import compare, demo, digits, info, pretrain, run, semantics
 from xfer.cli.compare import cmd_compare
 from xfer.cli.demo import cmd_demo
+from xfer.cli.digits import cmd_digits
 from xfer.cli.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, one_line
 from xfer.cli.info import cmd_info
 from xfer.cli.pretrain import cmd_pretrain
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         (pretrain, cmd_pretrain),
         (run, cmd_run),
         (compare, cmd_compare),
+        (digits, cmd_digits),
     ):
         command = commands.add_parser(module.__name__.rpartition(".")[2], help=module.HELP)
         module.add_arguments(command)

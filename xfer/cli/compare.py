@@ -10,11 +10,13 @@ import argparse
 import json
 
 from xfer import _config
-from xfer.cli.errors import fail, one_line
+from xfer.cli.errors import EXIT_BAD_INPUT, EXIT_FAILED, fail, one_line
 from xfer.cli.options import (
     add_backends,
+    add_data_options,
     add_transfer_options,
     chosen_backends,
+    data_options,
     parse_tolerance,
     transfer_options,
 )
@@ -28,7 +30,6 @@ HELP = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from xfer.compare import DEFAULT_ACCURACY_TOLERANCE, DEFAULT_TOLERANCE, FLOOR
-    from xfer.job import MODELS
 
     add_backends(parser)
     parser.add_argument(
@@ -50,13 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"(default: {DEFAULT_ACCURACY_TOLERANCE:g}: an image on the decision boundary "
         "may flip with float32 rounding); past it compare exits 1",
     )
-    parser.add_argument(
-        "--model",
-        choices=MODELS,
-        default="small_cnn",
-        help="small_cnn: pretrained on the source digits; resnet18: a narrow ResNet-18 "
-        "from fresh seeded weights on the digits upsampled to 16x16 (default: small_cnn)",
-    )
+    add_data_options(parser)
     add_transfer_options(parser)
 
 
@@ -83,20 +78,44 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from xfer.cli import report
     from xfer.compare import check, final_metrics
 
-    backends = chosen_backends(args)
+    data = data_options(args)
+    model = args.model or "small_cnn"
+    if data is None and model not in job.MODELS:
+        raise ValueError(
+            f"--model {model} needs --data DIR (your images); on the embedded digits: "
+            f"{', '.join(job.MODELS)}."
+        )
+    if (
+        data is not None
+        and not args.backend
+        and job.model_spec.backends_for(model, job.REFERENCE_MODELS)
+    ):
+        backends = ["keras"]  # and its other engine, in a subprocess
+    else:
+        backends = chosen_backends(args)
     for backend in backends:
         _config.require(backend)
     with terminal_progress(args) as progress:
         try:
             histories = job.transfer_on_backends(
-                backends, **transfer_options(args), model=args.model, progress=progress
+                backends,
+                **transfer_options(args),
+                model=model,
+                data=data,
+                head=args.head,
+                progress=progress,
             )
             verdict = check(histories, args.tolerance, args.accuracy_tolerance)
-        except (RuntimeError, ValueError) as error:
+        except (RuntimeError, ValueError, ConnectionError) as error:
             # One line, not a traceback: what failed is in the message.
-            return fail("compare", one_line(error))
+            return fail(
+                "compare",
+                one_line(error),
+                EXIT_BAD_INPUT if isinstance(error, ValueError) else EXIT_FAILED,
+            )
+    on = f" on {data['path']}" if data else ""
     title = (
-        f"xfer compare: {args.model}, preset {args.preset}, BN {args.bn or 'of the preset'}"
+        f"xfer compare: {model}{on}, preset {args.preset}, BN {args.bn or 'of the preset'}"
         f"{', quick' if args.quick else ''}"
     )
     written = report.write_compare_report(histories, args.out, title, verdict)

@@ -113,6 +113,102 @@ def add_transfer_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def parse_val_fraction(text: str) -> float:
+    """argparse type of ``--val-fraction``: a number in (0, 1).
+
+    Example:
+        >>> parse_val_fraction("0.25")
+        0.25
+        >>> parse_val_fraction("1")
+        Traceback (most recent call last):
+        argparse.ArgumentTypeError: expected a number in (0, 1), e.g. 0.2, got '1'
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), e.g. 0.2, got {text!r}")
+    return value
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """argparse type of ``--image-size``: ``N`` or ``HxW`` (see
+    :func:`xfer.data.images.parse_image_size`).
+
+    Example:
+        >>> parse_image_size("16")
+        (16, 16)
+    """
+    from xfer.data.images import parse_image_size as parse
+
+    try:
+        return parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).rstrip(".")) from None
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """What ``xfer run`` and ``xfer compare`` take for the user's data and model:
+    ``--data``, ``--model``, ``--head``/``--no-head``, ``--image-size``, ``--color``,
+    ``--val-fraction``."""
+    from xfer.data.images import COLORS
+    from xfer.job import MODELS
+
+    parser.add_argument(
+        "--data",
+        metavar="DIR",
+        help="your images: a folder with one sub-folder of PNG/JPEG images per class "
+        "(classes: the sorted folder names), or an .npz with arrays x and y "
+        "(default: the embedded digits task)",
+    )
+    parser.add_argument(
+        "--model",
+        metavar="M",
+        help=f"{', '.join(MODELS)} (reference models; without --data: small_cnn, or "
+        "resnet18 on compare), keras:NAME (a keras.applications backbone, Keras only, "
+        "random weights unless --weights imagenet) or package.module:function (your "
+        "factory returning a native model) (default: small_cnn)",
+    )
+    parser.add_argument(
+        "--head",
+        action=argparse.BooleanOptionalAction,
+        help="give a keras:/factory backbone xfer's head for the data's classes "
+        "(head.pool, head.drop, head.dense; default: on); --no-head: the factory's model "
+        "already has its head.** units",
+    )
+    parser.add_argument(
+        "--image-size", type=parse_image_size, metavar="N|HxW", help="resize every image (Pillow)"
+    )
+    parser.add_argument("--color", choices=COLORS, help="convert every image to RGB or grayscale")
+    parser.add_argument(
+        "--val-fraction",
+        type=parse_val_fraction,
+        default=0.2,
+        help="share of each class held out for validation, seeded by --seed (default: 0.2)",
+    )
+
+
+def data_options(args: argparse.Namespace) -> dict | None:
+    """The ``data`` of :func:`xfer.data_job.run_on_data` (``None`` without ``--data``); a
+    ``ValueError`` for a data option given without ``--data``.
+
+    Example:
+        >>> data_options(argparse.Namespace(data="imgs", image_size=(8, 8), color=None,
+        ...                                 val_fraction=0.2))
+        {'path': 'imgs', 'image_size': [8, 8], 'color': None, 'val_fraction': 0.2}
+    """
+    if args.data is None:
+        given = [o for o, v in (("--image-size", args.image_size), ("--color", args.color)) if v]
+        if given or args.val_fraction != 0.2:
+            raise ValueError(
+                f"{' and '.join(given) or '--val-fraction'} apply to your images: pass --data DIR too."
+            )
+        return None
+    size = list(args.image_size) if args.image_size else None  # json-ready for a subprocess
+    return dict(path=args.data, image_size=size, color=args.color, val_fraction=args.val_fraction)
+
+
 def transfer_options(args: argparse.Namespace) -> dict:
     """The job's options among those :func:`add_transfer_options` added (``--format`` and
     ``--quiet`` are the command's own), as keyword arguments of :func:`xfer.job.run` and

@@ -13,8 +13,10 @@ from xfer.cli.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, fail, one_line
 from xfer.cli.info import version
 from xfer.cli.options import (
     add_backend,
+    add_data_options,
     add_transfer_options,
     chosen_backend,
+    data_options,
     transfer_options,
 )
 from xfer.cli.progress import terminal_progress
@@ -33,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--weights",
         metavar="PATH",
         help="neutral weights of the source model (default: the shipped ones for "
-        "seed 0, pretrained now for another seed)",
+        "seed 0, pretrained now for another seed); with --data: imagenet (a keras: "
+        "model, downloaded by Keras) or neutral weights of the whole model",
     )
     parser.add_argument(
         "--checkpoint", metavar="DIR", help="save a checkpoint after each stage here"
@@ -54,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto: CUDA when the framework sees a GPU",
     )
     add_backend(parser)
+    add_data_options(parser)
     add_transfer_options(parser)
 
 
@@ -80,6 +84,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         return fail(
             "run",
             "--resume needs --checkpoint DIR (the directory of the interrupted run).",
+            EXIT_BAD_INPUT,
+        )
+    data = data_options(args)
+    if data is not None:
+        return _run_on_data(args, backend, data)
+    if args.model not in (None, "small_cnn") or args.head is not None:
+        return fail(
+            "run",
+            f"{'--model ' + args.model if args.model else '--head/--no-head'} needs --data "
+            "DIR (your images): the embedded task transfers the shipped "
+            "small_cnn (xfer compare --model resnet18 runs the ResNet on it).",
             EXIT_BAD_INPUT,
         )
     if args.weights:
@@ -114,6 +129,85 @@ def cmd_run(args: argparse.Namespace) -> int:
     report.update(backend=_config.label(backend), version=version(backend))
     print(json.dumps(report) if args.format == "json" else run_text(report))
     return 0 if result.history.ok else 1
+
+
+def _run_on_data(args: argparse.Namespace, backend: str, data: dict) -> int:
+    """``xfer run --data``: :func:`xfer.data_job.run_on_data`, printed like the embedded task."""
+    from xfer import data_job
+    from xfer.checkpoint import CheckpointError
+    from xfer.pipeline import Interrupted, NonFiniteLoss
+
+    with terminal_progress(args) as progress:
+        try:
+            result = data_job.run_on_data(
+                backend,
+                data,
+                model=args.model or "small_cnn",
+                head=args.head,
+                weights=args.weights,
+                **transfer_options(args),
+                progress=progress,
+                checkpoint_dir=args.checkpoint,
+                resume=args.resume,
+                cache=args.cache,
+                device=args.device,
+            )
+        except Interrupted as stop:
+            print(f"\n{stop}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except (NonFiniteLoss, CheckpointError, ConnectionError) as error:
+            return fail("run", one_line(error))
+    report = dataclasses.asdict(result)
+    report.update(backend=_config.label(backend), version=version(backend))
+    print(json.dumps(report) if args.format == "json" else data_run_text(report))
+    return 0 if result.history.ok else 1
+
+
+_WEIGHTS = {
+    "random": "random weights (seeded)",
+    "imagenet": "ImageNet weights",
+    "file": "from --weights",
+}
+
+
+def data_run_text(report: dict) -> str:
+    """The text ``xfer run --data`` prints, from its ``--format json`` report.
+
+    Example:
+        >>> from xfer.pipeline import History
+        >>> data = {"source": "digits", "classes": ["5", "6"], "image_shape": [8, 8, 1],
+        ...         "counts": {"5": {"train": 8, "val": 2}, "6": {"train": 8, "val": 2}},
+        ...         "normalisation": "pixels / 255 (8-bit images to [0, 1])", "skipped": 0}
+        >>> report = {"backend": "torch", "version": "2.13.0", "preset": "keras_guide", "bn": None,
+        ...           "model": "small_cnn", "weights": "random", "data": data,
+        ...           "history": History("torch", [], "cpu").to_dict()}
+        >>> print(data_run_text(report))  # doctest: +NORMALIZE_WHITESPACE
+        xfer run: torch 2.13.0, preset keras_guide, BN policy of the preset
+        model: small_cnn, random weights (seeded)
+        data: digits, 2 classes, 16 training and 4 validation images of 8x8x1, normalised: pixels / 255 (8-bit images to [0, 1])
+        classes (train/val): 5 8/2, 6 8/2
+        <BLANKLINE>
+        torch on cpu
+        stage  epochs  loss  val loss  val acc  trainable  frozen  frozen tensors  features cached
+    """
+    from xfer.pipeline import History
+
+    data = report["data"]
+    counts = data["counts"]
+    train = sum(c["train"] for c in counts.values())
+    val = sum(c["val"] for c in counts.values())
+    skipped = f", {data['skipped']} unreadable files skipped" if data["skipped"] else ""
+    classes = ", ".join(f"{name} {c['train']}/{c['val']}" for name, c in counts.items())
+    return (
+        f"xfer run: {report['backend']} {report['version']}, preset {report['preset']}, "
+        f"BN policy {report['bn'] or 'of the preset'}\n"
+        f"model: {report['model']}, {_WEIGHTS[report['weights']]}\n"
+        f"data: {data['source']}, {len(counts)} classes, {train} training and {val} "
+        f"validation images of {'x'.join(map(str, data['image_shape']))}, normalised: "
+        f"{data['normalisation']}{skipped}\n"
+        f"classes (train/val): {classes}\n\n"
+        f"{History.from_dict(report['history'])}"
+    )
 
 
 def run_text(report: dict) -> str:
