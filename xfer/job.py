@@ -54,7 +54,7 @@ def shipped_path() -> Path:
 # conventions would differ, as tests/parity.py checks); it starts from freshly initialised
 # seeded weights (no pretraining: nothing of it is cached or shipped), built once on the first
 # backend and handed to the others as neutral weights like the small CNN's.
-MODELS = ("small_cnn", "resnet18")
+MODELS = ("small_cnn", "resnet18", "resnet50")  # resnet50: xfer.models.resnet50, as resnet18
 RESNET_WIDTH = 4
 RESNET_UPSAMPLE = 2
 
@@ -71,6 +71,10 @@ def build_model(backend: str, seed: int, model: str = "small_cnn") -> Any:
     if model == "resnet18":
         return models.resnet(
             18, digits.TransferTask.num_classes, 1, width=RESNET_WIDTH, seed=seed, backend=backend
+        )
+    if model == "resnet50":
+        return models.resnet50(
+            digits.TransferTask.num_classes, input_shape=(None, None, 1), seed=seed, backend=backend
         )
     if model != "small_cnn":
         raise ValueError(f"Unknown model {model!r}: expected one of {', '.join(MODELS)}.")
@@ -121,7 +125,7 @@ def source_accuracy(backend: str, model: Any, seed: int = 0) -> float:
 
 def _images_for(model: str, data: tuple) -> tuple:
     """The task's (x, y) at the input size ``model`` expects (see MODELS)."""
-    if model != "resnet18":
+    if model not in ("resnet18", "resnet50"):
         return data
     x, y = data
     return np.repeat(np.repeat(x, RESNET_UPSAMPLE, axis=1), RESNET_UPSAMPLE, axis=2), y
