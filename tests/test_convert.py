@@ -134,6 +134,10 @@ def _resnet50(backend: str):
     return _BUILT[backend]
 
 
+def _resnet50_any_size():
+    return xfer.models.resnet50(CLASSES, backend="keras")  # input_shape (None, None, 3)
+
+
 def test_resnet50_has_keras_layout_and_xfer_paths(kit):
     backend = kit.id.split("-")[0]
     model = _resnet50(backend)
@@ -223,6 +227,10 @@ def test_what_convert_cannot_map_is_refused_clearly():
         xfer.convert(other, "torch")
     with pytest.raises(ValueError, match=r"keras_applications=True builds.*small_cnn"):
         xfer.convert(xfer.models.small_cnn(3, backend="keras"), "keras", keras_applications=True)
+    with pytest.raises(ValueError, match=r"needs a fixed image size.*input_shape=\(224, 224, 3\)"):
+        xfer.convert(_resnet50_any_size(), "keras", keras_applications=True)
+    with pytest.raises(ValueError, match=r"input_shape is for a ResNet-50"):
+        xfer.convert(xfer.models.small_cnn(3, backend="keras"), "torch", input_shape=SHAPE)
 
 
 # --- xfer's other reference models ------------------------------------------------------------

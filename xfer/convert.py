@@ -91,6 +91,12 @@ def convert(
         )
     if keras_applications:
         shape = models._image_shape(source.get("input_shape"))
+        if source["include_top"] and None in shape[:2]:
+            raise ValueError(
+                f"convert: a keras.applications.ResNet50 with its top needs a fixed image "
+                f"size, and this model takes any (input_shape={shape}). Pass "
+                "input_shape=(height, width, channels), e.g. input_shape=(224, 224, 3)."
+            )
         target = load_adapter(backend).keras_applications_resnet50(
             source["num_classes"],
             shape,
