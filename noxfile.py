@@ -124,6 +124,7 @@ def parity(session: nox.Session) -> None:
         "pytest",
         "tests/test_backends_agree.py",
         "tests/test_compare_command_end_to_end.py",
+        "tests/test_convert.py",  # keras.applications -> torch -> flax -> keras, one process
         "-s",
         *session.posargs,
         env={

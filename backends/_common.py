@@ -26,7 +26,7 @@ def contract_members(protocol: type) -> list[str]:
 
     Example:
         >>> contract_members(Models)
-        ['small_cnn', 'resnet', 'attach_head']
+        ['small_cnn', 'resnet', 'resnet50', 'keras_applications_resnet50', 'recognise', 'attach_head']
     """
     own = [n for n in vars(protocol) if not n.startswith("_")]
     methods = [n for n in own if inspect.isfunction(vars(protocol)[n])]
@@ -77,6 +77,7 @@ class BlockSpec:
     c_in: int
     planes: int
     stride: int
+    stride_first: bool = False  # a bottleneck's stride on its first 1x1 conv (Keras v1)
 
     @property
     def c_out(self) -> int:
@@ -97,19 +98,23 @@ class BlockSpec:
         """
         if self.kind == "basic":
             return [(self.c_in, self.planes, 3, self.stride), (self.planes, self.planes, 3, 1)]
+        first, middle = (self.stride, 1) if self.stride_first else (1, self.stride)
         return [
-            (self.c_in, self.planes, 1, 1),
-            (self.planes, self.planes, 3, self.stride),
+            (self.c_in, self.planes, 1, first),
+            (self.planes, self.planes, 3, middle),
             (self.planes, self.c_out, 1, 1),
         ]
 
 
-def resnet_layout(depth: int, width: int) -> tuple[list[list[BlockSpec]], int]:
+def resnet_layout(
+    depth: int, width: int, stride_first: bool = False
+) -> tuple[list[list[BlockSpec]], int]:
     """The blocks of each of the four stages (``layer1``..``layer4``) of the reference
     ResNet of ``depth`` whose stem has ``width`` channels, and the width of its features.
 
     Stage ``i`` (from 0) has planes ``width * 2**i``; its first block has stride 2, except
-    in the first stage.
+    in the first stage. ``stride_first`` puts a bottleneck's stride on its first 1x1 conv
+    (keras.applications ResNet50, "v1") instead of its 3x3 conv (torchvision, "v1.5").
 
     Example:
         >>> stages, features = resnet_layout(18, 4)
@@ -121,11 +126,31 @@ def resnet_layout(depth: int, width: int) -> tuple[list[list[BlockSpec]], int]:
     for i, count in enumerate(counts):
         blocks = []
         for j in range(count):
-            block = BlockSpec(kind, c_in, width * 2**i, 2 if i > 0 and j == 0 else 1)
+            stride = 2 if i > 0 and j == 0 else 1
+            block = BlockSpec(kind, c_in, width * 2**i, stride, stride_first)
             blocks.append(block)
             c_in = block.c_out
         stages.append(blocks)
     return stages, c_in
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetStyle:
+    """How a reference ResNet's convs and BNs are built: conv biases, BN epsilon and BN
+    momentum (Keras's convention: the weight of the old value), stride placement."""
+
+    conv_bias: bool
+    epsilon: float
+    momentum: float
+    stride_first: bool
+
+
+# xfer.models.resnet: torchvision's blocks, xfer's BN constants.
+CLASSIC = ResNetStyle(conv_bias=False, epsilon=1e-3, momentum=0.9, stride_first=False)
+# xfer.models.resnet50: keras.applications.ResNet50 exactly (Keras's default momentum).
+KERAS_V1 = ResNetStyle(conv_bias=True, epsilon=1.001e-5, momentum=0.99, stride_first=True)
+RESNET_STYLES = {"classic": CLASSIC, "keras_v1": KERAS_V1}  # by the name Keras configs keep
+RESNET50_WIDTH = 64
 
 
 def unit_kind(native: Any, kinds: Sequence[tuple[Any, str]], container: bool) -> str:

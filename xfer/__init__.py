@@ -16,6 +16,7 @@ from xfer._adapter import Adapter, Unit
 from xfer._config import backend_context, get_backend, set_backend
 from xfer.audit import Finding, audit
 from xfer.checkpoint import CheckpointError
+from xfer.convert import convert
 from xfer.models import attach_head
 from xfer.pipeline import History, Interrupted, NonFiniteLoss, Stage, TransferPipeline, presets
 from xfer.policy import PRESETS as BN_PRESETS
@@ -43,6 +44,7 @@ __all__ = [
     "Interrupted",
     "attach_head",
     "checkpoint",
+    "convert",
     "presets",
     "History",
     "NonFiniteLoss",

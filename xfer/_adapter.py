@@ -254,6 +254,37 @@ class Models(Protocol):
         and ``head.dense``; explicit symmetric padding so every framework computes the same.
         """
 
+    def resnet50(
+        self,
+        num_classes: int | None,
+        input_shape: tuple,
+        *,
+        include_top: bool,
+        pooling: str | None,
+        seed: int,
+    ) -> Any:
+        """``xfer.models.resnet50`` (keras.applications' ResNet50 layout, xfer's unit paths),
+        called with validated arguments: ``base`` (``stem``, ``layer1``..``layer4``, ``pool``)
+        and ``head.dense``; with ``include_top=False`` the base alone (units ``stem``, ...,
+        and ``pool`` unless ``pooling`` is None). Styled by ``_common.KERAS_V1``."""
+
+    def keras_applications_resnet50(
+        self,
+        num_classes: int | None,
+        input_shape: tuple,
+        *,
+        include_top: bool,
+        pooling: str | None,
+    ) -> Any:
+        """A ``keras.applications.ResNet50`` (``weights=None``, logits) for ``xfer.convert``;
+        a ``ValueError`` saying so on a backend that is not Keras."""
+
+    def recognise(self, model: Any) -> dict[str, Any] | None:
+        """For a model xfer did not build but ``xfer.convert`` can map (on Keras: a
+        ``keras.applications.ResNet50``): ``{"builder": ..., "names": ..., **arguments}``,
+        the ``xfer.models`` builder of the same architecture, the naming of its layers and
+        the builder's arguments; else ``None``."""
+
     def attach_head(
         self,
         base: Any,

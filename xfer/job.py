@@ -68,6 +68,10 @@ REFERENCE_MODELS: dict[str, Callable[[int, int, int, str], Any]] = {
     "resnet18": lambda classes, channels, seed, backend: models.resnet(
         18, classes, channels, width=RESNET_WIDTH, seed=seed, backend=backend
     ),
+    # xfer.models.resnet50 (the keras.applications v1 layout), full width, as resnet18.
+    "resnet50": lambda classes, channels, seed, backend: models.resnet50(
+        classes, input_shape=(None, None, channels), seed=seed, backend=backend
+    ),
 }
 MODELS = tuple(REFERENCE_MODELS)
 
@@ -127,7 +131,7 @@ def source_accuracy(backend: str, model: Any, seed: int = 0) -> float:
 
 def _images_for(model: str, data: tuple) -> tuple:
     """The task's (x, y) at the input size ``model`` expects (see MODELS)."""
-    if model != "resnet18":
+    if model not in ("resnet18", "resnet50"):
         return data
     x, y = data
     return np.repeat(np.repeat(x, RESNET_UPSAMPLE, axis=1), RESNET_UPSAMPLE, axis=2), y

@@ -3,6 +3,7 @@ transfer head that turns any backbone into a model with those paths (``attach_he
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from xfer._adapter import find_adapter, load_adapter
@@ -37,7 +38,16 @@ def small_cnn(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"small_cnn: dropout must be in [0, 1), got {dropout!r}.")
     adapter = load_adapter(backend or get_backend())
-    return adapter.small_cnn(num_classes, in_channels, width=width, dropout=dropout, seed=seed)
+    model = adapter.small_cnn(num_classes, in_channels, width=width, dropout=dropout, seed=seed)
+    _record(
+        model,
+        "small_cnn",
+        num_classes=num_classes,
+        in_channels=in_channels,
+        width=width,
+        dropout=dropout,
+    )
+    return model
 
 
 def attach_head(
@@ -160,4 +170,119 @@ def resnet(
         check_integer(value, f"resnet: {name}", low)
     check_integer(seed, "resnet: seed")
     adapter = load_adapter(backend or get_backend())
-    return adapter.resnet(depth, num_classes, in_channels, width=width, seed=seed)
+    model = adapter.resnet(depth, num_classes, in_channels, width=width, seed=seed)
+    _record(
+        model, "resnet", depth=depth, num_classes=num_classes, in_channels=in_channels, width=width
+    )
+    return model
+
+
+RESNET50_POOLINGS = (None, "avg", "max")
+
+
+def resnet50(
+    num_classes: int | None = None,
+    *,
+    include_top: bool | None = None,
+    pooling: str | None = None,
+    input_shape: tuple[int | None, int | None, int] | None = None,
+    seed: int = 0,
+    backend: str | None = None,
+) -> Any:
+    """ResNet-50 exactly as ``keras.applications.ResNet50`` builds it ("v1"), with xfer's
+    unit paths on every backend, on channels-last images.
+
+    The layout is Keras's: ZeroPadding 3 then a 7x7/2 valid conv, BN, ReLU, ZeroPadding 1
+    then a 3x3/2 max pool; [3, 4, 6, 3] bottlenecks whose stride sits on the first 1x1
+    conv, a projection shortcut (conv + BN) on the first block of each stage; every conv
+    has a bias; BatchNorm epsilon 1.001e-5 and momentum 0.99 (0.01 in PyTorch's
+    convention). The paths are those of :func:`resnet`: ``base.stem.conv``/``bn``,
+    ``base.layer1``..``base.layer4`` (blocks ``0``, ``1``, ... with ``conv1``/``bn1`` ..
+    ``conv3``/``bn3`` and ``downsample.conv``/``downsample.bn``), ``base.pool`` and
+    ``head.dense`` (logits: no softmax). ``xfer.convert`` maps it to and from a
+    ``keras.applications.ResNet50`` (``conv2_block1_1_conv`` is ``base.layer1.0.conv1``).
+
+    Args:
+        num_classes: outputs of ``head.dense``, an integer >= 2; ``None`` (the default)
+            builds the backbone alone (``include_top=False``).
+        include_top: whether to add ``base.pool`` (average) and ``head.dense``; by default
+            whenever ``num_classes`` is given. Without the top the model is the backbone
+            itself, units ``stem``, ``layer1``..``layer4`` and, with ``pooling``, ``pool``.
+        pooling: without the top, ``None`` (the last feature map), ``"avg"`` or ``"max"``
+            (a global pool), as in keras.applications.
+        input_shape: ``(height, width, channels)``; height and width may be ``None`` (the
+            default is ``(None, None, 3)``). Keras builds its input from it; PyTorch and
+            Flax only need the channels.
+        seed: initialises the weights.
+
+    Example:
+        >>> import xfer
+        >>> model = xfer.models.resnet50(10, backend="torch")   # doctest: +SKIP
+        >>> backbone = xfer.models.resnet50(pooling="avg", backend="flax")   # doctest: +SKIP
+    """
+    if include_top is None:
+        include_top = num_classes is not None
+    if not isinstance(include_top, bool):
+        raise ValueError(f"resnet50: include_top must be True or False, got {include_top!r}.")
+    if include_top:
+        if num_classes is None:
+            raise ValueError(
+                "resnet50: include_top=True needs num_classes, the outputs of head.dense "
+                "(e.g. resnet50(1000)); leave include_top out for the backbone alone."
+            )
+        check_integer(num_classes, "resnet50: num_classes", 2)
+        if pooling is not None:
+            raise ValueError(
+                f"resnet50: pooling={pooling!r} is for the backbone alone (include_top="
+                "False); with the top the features are always average-pooled."
+            )
+    elif num_classes is not None:
+        raise ValueError(
+            f"resnet50: num_classes={num_classes!r} with include_top=False: the backbone "
+            "has no classifier. Drop num_classes, or keep the top."
+        )
+    if pooling not in RESNET50_POOLINGS:
+        raise ValueError(f"resnet50: pooling must be None, 'avg' or 'max', got {pooling!r}.")
+    shape = _image_shape(input_shape)
+    check_integer(seed, "resnet50: seed")
+    adapter = load_adapter(backend or get_backend())
+    model = adapter.resnet50(
+        num_classes, shape, include_top=include_top, pooling=pooling, seed=seed
+    )
+    _record(
+        model,
+        "resnet50",
+        num_classes=num_classes,
+        include_top=include_top,
+        pooling=pooling,
+        input_shape=list(shape),
+    )
+    return model
+
+
+def _image_shape(input_shape) -> tuple:
+    if input_shape is None:
+        return (None, None, 3)
+    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else ()
+    positive = lambda d: isinstance(d, int) and not isinstance(d, bool) and d >= 1  # noqa: E731
+    if (
+        len(shape) != 3
+        or not positive(shape[2])
+        or not all(d is None or positive(d) for d in shape[:2])
+    ):
+        raise ValueError(
+            "resnet50: input_shape must be one channels-last image shape (height, width, "
+            f"channels), height and width positive or None, got {input_shape!r}; e.g. "
+            "input_shape=(224, 224, 3), without the batch dimension."
+        )
+    return shape
+
+
+# The attribute that records which builder made a model, and with what: what
+# xfer.convert rebuilds on another backend. A JSON string, which every framework keeps as
+# a plain attribute (Keras does not track it, NNX keeps it as static data).
+ARCHITECTURE = "xfer_architecture"
+
+
+def _record(model: Any, builder: str, **arguments: Any) -> None:
+    setattr(model, ARCHITECTURE, json.dumps({"builder": builder, **arguments}))

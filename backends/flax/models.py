@@ -11,17 +11,32 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from xfer.backends._common import BlockSpec, resnet_layout
+from xfer.backends._common import (
+    CLASSIC,
+    KERAS_V1,
+    RESNET50_WIDTH,
+    BlockSpec,
+    ResNetStyle,
+    resnet_layout,
+)
 from xfer.backends.flax.units import walk
 
 
-def _bn(channels: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    return nnx.BatchNorm(channels, epsilon=1e-3, momentum=0.9, rngs=rngs)
+def _bn(channels: int, rngs: nnx.Rngs, style: ResNetStyle = CLASSIC) -> nnx.BatchNorm:
+    return nnx.BatchNorm(channels, epsilon=style.epsilon, momentum=style.momentum, rngs=rngs)
 
 
 class _GlobalAvgPool(nnx.Module):
     def __call__(self, x):
         return x.mean(axis=(1, 2))
+
+
+class _GlobalMaxPool(nnx.Module):
+    def __call__(self, x):
+        return x.max(axis=(1, 2))
+
+
+_POOLS = {"avg": _GlobalAvgPool, "max": _GlobalMaxPool}  # xfer.models.resnet50(pooling=)
 
 
 class TransferModel(nnx.Module):
@@ -89,7 +104,9 @@ class SmallCNN(TransferModel):
 # --- the ResNet (xfer.models.resnet) -------------------------------------------------------
 
 
-def _conv(c_in: int, c_out: int, kernel: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
+def _conv(
+    c_in: int, c_out: int, kernel: int, stride: int, rngs: nnx.Rngs, style: ResNetStyle
+) -> nnx.Conv:
     # Explicit symmetric padding: "SAME" with stride 2 pads asymmetrically, unlike PyTorch.
     p = kernel // 2
     return nnx.Conv(
@@ -98,15 +115,15 @@ def _conv(c_in: int, c_out: int, kernel: int, stride: int, rngs: nnx.Rngs) -> nn
         kernel_size=(kernel, kernel),
         strides=(stride, stride),
         padding=((p, p), (p, p)),
-        use_bias=False,
+        use_bias=style.conv_bias,
         rngs=rngs,
     )
 
 
 class _Stem(nnx.Module):
-    def __init__(self, in_channels: int, width: int, rngs: nnx.Rngs):
-        self.conv = _conv(in_channels, width, 7, 2, rngs)
-        self.bn = _bn(width, rngs)
+    def __init__(self, in_channels: int, width: int, rngs: nnx.Rngs, style: ResNetStyle):
+        self.conv = _conv(in_channels, width, 7, 2, rngs, style)
+        self.bn = _bn(width, rngs, style)
 
     def __call__(self, x):
         x = nnx.relu(self.bn(self.conv(x)))
@@ -114,9 +131,9 @@ class _Stem(nnx.Module):
 
 
 class _Downsample(nnx.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int, rngs: nnx.Rngs):
-        self.conv = _conv(c_in, c_out, 1, stride, rngs)
-        self.bn = _bn(c_out, rngs)
+    def __init__(self, c_in: int, c_out: int, stride: int, rngs: nnx.Rngs, style: ResNetStyle):
+        self.conv = _conv(c_in, c_out, 1, stride, rngs, style)
+        self.bn = _bn(c_out, rngs, style)
 
     def __call__(self, x):
         return self.bn(self.conv(x))
@@ -126,13 +143,15 @@ class _ResidualBlock(nnx.Module):
     """A basic block or a bottleneck: ``conv1``/``bn1``, ``conv2``/``bn2``(, ``conv3``/``bn3``),
     ReLU between them, and ``downsample`` on the shortcut where the shape changes."""
 
-    def __init__(self, spec: BlockSpec, rngs: nnx.Rngs):
+    def __init__(self, spec: BlockSpec, rngs: nnx.Rngs, style: ResNetStyle):
         convs = spec.convs
         for i, (c_in, c_out, kernel, stride) in enumerate(convs, 1):
-            setattr(self, f"conv{i}", _conv(c_in, c_out, kernel, stride, rngs))
-            setattr(self, f"bn{i}", _bn(c_out, rngs))
+            setattr(self, f"conv{i}", _conv(c_in, c_out, kernel, stride, rngs, style))
+            setattr(self, f"bn{i}", _bn(c_out, rngs, style))
         self.downsample = (
-            _Downsample(spec.c_in, spec.c_out, spec.stride, rngs) if spec.downsample else None
+            _Downsample(spec.c_in, spec.c_out, spec.stride, rngs, style)
+            if spec.downsample
+            else None
         )
         self.n_convs = len(convs)
 
@@ -147,12 +166,23 @@ class _ResidualBlock(nnx.Module):
 
 
 class _ResNetBase(nnx.Module):
-    def __init__(self, depth: int, in_channels: int, width: int, rngs: nnx.Rngs):
-        stages, features = resnet_layout(depth, width)
-        self.stem = _Stem(in_channels, width, rngs)
+    """Stem, layer1..layer4 and (unless ``pooling`` is None) a global ``pool``."""
+
+    def __init__(
+        self,
+        depth: int,
+        in_channels: int,
+        width: int,
+        rngs: nnx.Rngs,
+        style: ResNetStyle = CLASSIC,
+        pooling: str | None = "avg",
+    ):
+        stages, features = resnet_layout(depth, width, style.stride_first)
+        self.stem = _Stem(in_channels, width, rngs, style)
         for i, blocks in enumerate(stages, 1):
-            setattr(self, f"layer{i}", nnx.List([_ResidualBlock(b, rngs) for b in blocks]))
-        self.pool = _GlobalAvgPool()
+            stage = nnx.List([_ResidualBlock(b, rngs, style) for b in blocks])
+            setattr(self, f"layer{i}", stage)
+        self.pool = _POOLS[pooling]() if pooling else None
         self.features = features
 
     def __call__(self, x):
@@ -160,7 +190,7 @@ class _ResNetBase(nnx.Module):
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
                 x = block(x)
-        return self.pool(x)
+        return x if self.pool is None else self.pool(x)
 
 
 class _ResNetHead(nnx.Module):
@@ -250,6 +280,25 @@ def small_cnn(num_classes: int, in_channels: int, *, width: int, dropout: float,
 
 def resnet(depth: int, num_classes: int, in_channels: int, *, width: int, seed: int):
     return _walked(ResNet(depth, num_classes, in_channels, width, rngs=nnx.Rngs(seed)))
+
+
+def resnet50(num_classes, input_shape, *, include_top: bool, pooling, seed: int):
+    rngs, style, width, channels = nnx.Rngs(seed), KERAS_V1, RESNET50_WIDTH, input_shape[-1]
+    if not include_top:
+        return _walked(_ResNetBase(50, channels, width, rngs, style, pooling))
+    base = _ResNetBase(50, channels, width, rngs, style, "avg")
+    return _walked(TransferModel(base, _ResNetHead(base.features, num_classes, rngs)))
+
+
+def keras_applications_resnet50(num_classes, input_shape, *, include_top, pooling):
+    raise ValueError(
+        "keras.applications.ResNet50 is a Keras model: convert to backend='keras' for it; "
+        "on Flax, xfer.convert builds xfer.models.resnet50."
+    )
+
+
+def recognise(model: nnx.Module) -> dict | None:
+    return None  # Flax models xfer did not build: none it can convert yet
 
 
 def attach_head(base: nnx.Module, num_classes, *, dropout, input_shape, seed):

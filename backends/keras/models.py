@@ -17,7 +17,7 @@ import socket
 import keras
 import numpy as np
 
-from xfer.backends._common import resnet_layout
+from xfer.backends._common import RESNET50_WIDTH, RESNET_STYLES, resnet_layout
 
 L = keras.layers
 
@@ -164,10 +164,18 @@ class _Parts(keras.layers.Layer):
 
     PARTS: tuple[str, ...] = ()
 
-    def __init__(self, filters: int, stride: int = 1, downsample: bool = False, **kwargs):
+    def __init__(
+        self,
+        filters: int,
+        stride: int = 1,
+        downsample: bool = False,
+        style: str = "classic",
+        **kwargs,
+    ):
         configs = {name: kwargs.pop(name, None) for name in self.PARTS}
         super().__init__(**kwargs)
         self.filters, self.stride, self.has_downsample = filters, stride, downsample
+        self.style = style  # a key of RESNET_STYLES: files saved before it are "classic"
         fresh = self._parts()
         for name in self.PARTS:
             config = configs[name]
@@ -185,16 +193,19 @@ class _Parts(keras.layers.Layer):
             "filters": self.filters,
             "stride": self.stride,
             "downsample": self.has_downsample,
+            "style": self.style,
             **parts,
         }
 
 
-def _rconv(filters: int, kernel: int, stride: int = 1):
-    return L.Conv2D(filters, kernel, strides=stride, padding="valid", use_bias=False)
+def _rconv(style: str, filters: int, kernel: int, stride: int = 1):
+    bias = RESNET_STYLES[style].conv_bias
+    return L.Conv2D(filters, kernel, strides=stride, padding="valid", use_bias=bias)
 
 
-def _rbn():
-    return L.BatchNormalization(epsilon=1e-3, momentum=0.9)
+def _rbn(style: str):
+    s = RESNET_STYLES[style]
+    return L.BatchNormalization(epsilon=s.epsilon, momentum=s.momentum)
 
 
 @keras.saving.register_keras_serializable(package="xfer")
@@ -202,7 +213,7 @@ class _ResNetStem(_Parts):
     PARTS = ("conv", "bn")
 
     def _parts(self):
-        return {"conv": _rconv(self.filters, 7, 2), "bn": _rbn()}
+        return {"conv": _rconv(self.style, self.filters, 7, 2), "bn": _rbn(self.style)}
 
     def build(self, input_shape):
         _build_part(self.bn, _build_part(self.conv, _padded(input_shape, 3)))
@@ -218,7 +229,7 @@ class _ResNetDownsample(_Parts):
     PARTS = ("conv", "bn")
 
     def _parts(self):
-        return {"conv": _rconv(self.filters, 1, self.stride), "bn": _rbn()}
+        return {"conv": _rconv(self.style, self.filters, 1, self.stride), "bn": _rbn(self.style)}
 
     def build(self, input_shape):
         _build_part(self.bn, _build_part(self.conv, input_shape))
@@ -232,13 +243,13 @@ class _ResNetBasicBlock(_Parts):
     PARTS = ("conv1", "bn1", "conv2", "bn2", "downsample")
 
     def _parts(self):
-        f, s = self.filters, self.stride
-        down = _ResNetDownsample(f, s) if self.has_downsample else None
+        f, s, style = self.filters, self.stride, self.style
+        down = _ResNetDownsample(f, s, style=style) if self.has_downsample else None
         return {
-            "conv1": _rconv(f, 3, s),
-            "bn1": _rbn(),
-            "conv2": _rconv(f, 3),
-            "bn2": _rbn(),
+            "conv1": _rconv(style, f, 3, s),
+            "bn1": _rbn(style),
+            "conv2": _rconv(style, f, 3),
+            "bn2": _rbn(style),
             "downsample": down,
         }
 
@@ -260,15 +271,17 @@ class _ResNetBottleneck(_Parts):
     PARTS = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample")
 
     def _parts(self):
-        f, s = self.filters, self.stride
-        down = _ResNetDownsample(4 * f, s) if self.has_downsample else None
+        f, s, style = self.filters, self.stride, self.style
+        down = _ResNetDownsample(4 * f, s, style=style) if self.has_downsample else None
+        # keras.applications ("v1") strides the first 1x1 conv, torchvision the 3x3.
+        first, middle = (s, 1) if RESNET_STYLES[style].stride_first else (1, s)
         return {
-            "conv1": _rconv(f, 1),
-            "bn1": _rbn(),
-            "conv2": _rconv(f, 3, s),
-            "bn2": _rbn(),
-            "conv3": _rconv(4 * f, 1),
-            "bn3": _rbn(),
+            "conv1": _rconv(style, f, 1, first),
+            "bn1": _rbn(style),
+            "conv2": _rconv(style, f, 3, middle),
+            "bn2": _rbn(style),
+            "conv3": _rconv(style, 4 * f, 1),
+            "bn3": _rbn(style),
             "downsample": down,
         }
 
@@ -313,24 +326,90 @@ def small_cnn(num_classes: int, in_channels: int, *, width: int, dropout: float,
     return keras.Model(inputs, head(base(inputs, training=False)), name="small_cnn")
 
 
-def resnet(depth: int, num_classes: int, in_channels: int, *, width: int, seed: int):
-    keras.utils.set_random_seed(seed)
-    stages, features = resnet_layout(depth, width)
-    inputs = keras.Input((None, None, in_channels))
-    x = _ResNetStem(width, name="stem")(inputs)
+_GLOBAL_POOLS = {"avg": L.GlobalAveragePooling2D, "max": L.GlobalMaxPooling2D}
+
+
+def _resnet_base(depth, input_shape, width, style, pooling, name):
+    """A functional model: stem, layer1..layer4 and (unless ``pooling`` is None) ``pool``."""
+    stride_first = RESNET_STYLES[style].stride_first
+    stages, features = resnet_layout(depth, width, stride_first)
+    inputs = keras.Input(input_shape)
+    x = _ResNetStem(width, style=style, name="stem")(inputs)
     for i, blocks in enumerate(stages):
         # Blocks named "0", "1", ...: a Sequential's units are named by layer name.
         layers = [
-            _BLOCKS[b.kind](b.planes, b.stride, b.downsample, name=str(j))
+            _BLOCKS[b.kind](b.planes, b.stride, b.downsample, style=style, name=str(j))
             for j, b in enumerate(blocks)
         ]
         x = keras.Sequential(layers, name=f"layer{i + 1}")(x)
-    base = keras.Model(inputs, L.GlobalAveragePooling2D(name="pool")(x), name="base")
+    if pooling:
+        x = _GLOBAL_POOLS[pooling](name="pool")(x)
+    return keras.Model(inputs, x, name=name), features
+
+
+def _with_head(base, input_shape, features, num_classes, name):
     head = keras.Sequential(
         [keras.Input((features,)), L.Dense(num_classes, name="dense")], name="head"
     )
-    inputs = keras.Input((None, None, in_channels))
-    return keras.Model(inputs, head(base(inputs, training=False)), name=f"resnet{depth}")
+    inputs = keras.Input(input_shape)
+    return keras.Model(inputs, head(base(inputs, training=False)), name=name)
+
+
+def resnet(depth: int, num_classes: int, in_channels: int, *, width: int, seed: int):
+    keras.utils.set_random_seed(seed)
+    shape = (None, None, in_channels)
+    base, features = _resnet_base(depth, shape, width, "classic", "avg", "base")
+    return _with_head(base, shape, features, num_classes, f"resnet{depth}")
+
+
+def resnet50(num_classes, input_shape, *, include_top: bool, pooling, seed: int):
+    keras.utils.set_random_seed(seed)
+    if not include_top:
+        return _resnet_base(50, input_shape, RESNET50_WIDTH, "keras_v1", pooling, "resnet50")[0]
+    base, features = _resnet_base(50, input_shape, RESNET50_WIDTH, "keras_v1", "avg", "base")
+    return _with_head(base, input_shape, features, num_classes, "resnet50")
+
+
+def keras_applications_resnet50(num_classes, input_shape, *, include_top, pooling):
+    # Logits, as xfer's models give: the softmax of keras.applications' default is left off.
+    return keras.applications.ResNet50(
+        include_top=include_top,
+        weights=None,
+        input_shape=input_shape,
+        pooling=None if include_top else pooling,
+        classes=num_classes if include_top else 1000,
+        classifier_activation=None,
+    )
+
+
+# Layers a keras.applications ResNet50 (v1) has, and layers of its relatives it has not:
+# ResNet50V2 (pre-activation, "post_bn"), ResNet101/152 (more blocks in conv4).
+_APPLICATION_LAYERS = ("conv1_pad", "conv1_conv", "pool1_pool", "conv4_block6_3_conv")
+_RELATIVES_LAYERS = ("post_bn", "conv4_block7_1_conv", "conv5_block4_1_conv")
+
+
+def recognise(model) -> dict | None:
+    if not isinstance(model, keras.Model) or isinstance(model, keras.Sequential):
+        return None
+    names = {layer.name for layer in model.layers}
+    if not all(n in names for n in _APPLICATION_LAYERS) or any(
+        n in names for n in _RELATIVES_LAYERS
+    ):
+        return None
+    top = model.get_layer("predictions") if "predictions" in names else None
+    pooling = "avg" if "avg_pool" in names else "max" if "max_pool" in names else None
+    activation = None
+    if top is not None:
+        activation = getattr(top.activation, "__name__", str(top.activation))
+    return {
+        "builder": "resnet50",
+        "names": "keras.applications",
+        "num_classes": top.units if top is not None else None,
+        "include_top": top is not None,
+        "pooling": None if top is not None else pooling,
+        "input_shape": tuple(model.input_shape[1:]),
+        "classifier_activation": activation,
+    }
 
 
 def attach_head(base, num_classes, *, dropout, input_shape, seed):

@@ -13,16 +13,25 @@ import itertools
 import torch
 from torch import nn
 
-from xfer.backends._common import BlockSpec, resnet_layout
+from xfer.backends._common import (
+    CLASSIC,
+    KERAS_V1,
+    RESNET50_WIDTH,
+    BlockSpec,
+    ResNetStyle,
+    resnet_layout,
+)
 from xfer.backends.torch.units import modes_restored
 
 
-def _bn(channels: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.1)
+def _bn(channels: int, style: ResNetStyle = CLASSIC) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=style.epsilon, momentum=1 - style.momentum)
 
 
-def _conv(c_in: int, c_out: int, kernel: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=False)
+def _conv(
+    c_in: int, c_out: int, kernel: int, stride: int = 1, style: ResNetStyle = CLASSIC
+) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=style.conv_bias)
 
 
 class _SpatialMean(nn.Module):
@@ -120,20 +129,20 @@ class SmallCNN(TransferModel):
 
 
 class _Stem(nn.Module):
-    def __init__(self, in_channels: int, width: int):
+    def __init__(self, in_channels: int, width: int, style: ResNetStyle):
         super().__init__()
-        self.conv = _conv(in_channels, width, 7, 2)
-        self.bn = _bn(width)
+        self.conv = _conv(in_channels, width, 7, 2, style)
+        self.bn = _bn(width, style)
 
     def forward(self, x):
         return nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 3, 2, padding=1)
 
 
 class _Downsample(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int):
+    def __init__(self, c_in: int, c_out: int, stride: int, style: ResNetStyle):
         super().__init__()
-        self.conv = _conv(c_in, c_out, 1, stride)
-        self.bn = _bn(c_out)
+        self.conv = _conv(c_in, c_out, 1, stride, style)
+        self.bn = _bn(c_out, style)
 
     def forward(self, x):
         return self.bn(self.conv(x))
@@ -143,15 +152,15 @@ class _ResidualBlock(nn.Module):
     """A basic (two 3x3 convs) or bottleneck (1x1, 3x3, 1x1) block: ``conv1``/``bn1``..,
     then ``downsample`` where the shape changes (``None`` where it does not)."""
 
-    def __init__(self, spec: BlockSpec):
+    def __init__(self, spec: BlockSpec, style: ResNetStyle):
         super().__init__()
         convs = spec.convs
         self.n_convs = len(convs)
         for i, (c_in, c_out, kernel, stride) in enumerate(convs, 1):
-            setattr(self, f"conv{i}", _conv(c_in, c_out, kernel, stride))
-            setattr(self, f"bn{i}", _bn(c_out))
+            setattr(self, f"conv{i}", _conv(c_in, c_out, kernel, stride, style))
+            setattr(self, f"bn{i}", _bn(c_out, style))
         self.downsample = (
-            _Downsample(spec.c_in, spec.c_out, spec.stride) if spec.downsample else None
+            _Downsample(spec.c_in, spec.c_out, spec.stride, style) if spec.downsample else None
         )
 
     def forward(self, x):
@@ -164,20 +173,40 @@ class _ResidualBlock(nn.Module):
         return torch.relu(out + shortcut)
 
 
+class _SpatialMax(nn.Module):
+    """The maximum over the two spatial axes of an (N, C, H, W) map."""
+
+    def forward(self, x):
+        return x.amax(dim=(2, 3))
+
+
+_POOLS = {"avg": _SpatialMean, "max": _SpatialMax}  # xfer.models.resnet50(pooling=)
+
+
 class _ResNetBase(nn.Module):
-    def __init__(self, depth: int, in_channels: int, width: int):
+    """Stem, layer1..layer4 and (unless ``pooling`` is None) a global ``pool``."""
+
+    def __init__(
+        self,
+        depth: int,
+        in_channels: int,
+        width: int,
+        style: ResNetStyle = CLASSIC,
+        pooling: str | None = "avg",
+    ):
         super().__init__()
-        self.stem = _Stem(in_channels, width)
-        stages, self.features = resnet_layout(depth, width)
+        self.stem = _Stem(in_channels, width, style)
+        stages, self.features = resnet_layout(depth, width, style.stride_first)
         for i, blocks in enumerate(stages, 1):
-            setattr(self, f"layer{i}", nn.Sequential(*map(_ResidualBlock, blocks)))
-        self.pool = _SpatialMean()
+            stage = nn.Sequential(*(_ResidualBlock(b, style) for b in blocks))
+            setattr(self, f"layer{i}", stage)
+        self.pool = _POOLS[pooling]() if pooling else None
 
     def forward(self, x):
         x = self.stem(x)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = stage(x)
-        return self.pool(x)
+        return x if self.pool is None else self.pool(x)
 
 
 class _ResNetHead(nn.Module):
@@ -239,6 +268,26 @@ def small_cnn(num_classes: int, in_channels: int, *, width: int, dropout: float,
 def resnet(depth: int, num_classes: int, in_channels: int, *, width: int, seed: int):
     torch.manual_seed(seed)
     return ResNet(depth, num_classes, in_channels, width)
+
+
+def resnet50(num_classes, input_shape, *, include_top: bool, pooling, seed: int):
+    torch.manual_seed(seed)
+    style, width, channels = KERAS_V1, RESNET50_WIDTH, input_shape[-1]
+    if not include_top:
+        return _ResNetBase(50, channels, width, style, pooling)
+    base = _ResNetBase(50, channels, width, style, "avg")
+    return TransferModel(base, _ResNetHead(base.features, num_classes))
+
+
+def keras_applications_resnet50(num_classes, input_shape, *, include_top, pooling):
+    raise ValueError(
+        "keras.applications.ResNet50 is a Keras model: convert to backend='keras' for it; "
+        "on torch, xfer.convert builds xfer.models.resnet50."
+    )
+
+
+def recognise(model: nn.Module) -> dict | None:
+    return None  # torch models xfer did not build: none it can convert yet
 
 
 def attach_head(base: nn.Module, num_classes, *, dropout, input_shape, seed):
