@@ -47,6 +47,9 @@ nox.options.sessions = [
 
 CONSTRAINTS = ("-c", "constraints.txt")
 EXTERNAL = "tests/external"
+# Needs every framework in one process (keras.applications -> torch -> flax -> keras) and
+# builds a ResNet-50 per framework: it runs once, in the parity session.
+CONVERT = "tests/test_convert.py"
 
 
 def _make_tests(backend: str, extras: list[str], env: dict[str, str]):
@@ -57,6 +60,7 @@ def _make_tests(backend: str, extras: list[str], env: dict[str, str]):
         session.run(
             "pytest",
             f"--ignore={EXTERNAL}",
+            f"--ignore={CONVERT}",
             *session.posargs,
             env={
                 "XFER_TEST_BACKENDS": backend,
@@ -124,7 +128,7 @@ def parity(session: nox.Session) -> None:
         "pytest",
         "tests/test_backends_agree.py",
         "tests/test_compare_command_end_to_end.py",
-        "tests/test_convert.py",  # keras.applications -> torch -> flax -> keras, one process
+        CONVERT,
         "-s",
         *session.posargs,
         env={
