@@ -88,6 +88,17 @@ def test_xfer_run_on_an_image_folder_with_a_reference_model(kit, folder, capsys)
     assert "normalised: pixels / 255" in text and "circle 6/2, square 6/2, star 6/2" in text
 
 
+@pytest.mark.backends("torch", "flax")
+def test_xfer_run_on_an_image_folder_with_resnet18(kit, folder, capsys):
+    args = ["--backend", _backend(kit), "--data", str(folder), "--model", "resnet18"]
+    status, report = _run(capsys, *args, "--format", "json")
+    assert status == 0, report
+    assert report["model"] == "resnet18" and report["data"]["image_shape"] == [12, 12, 3]
+    stages = report["history"]["stages"]
+    assert all(s["changed"] == [] for s in stages) and stages[0]["kept"] > 0
+    assert np.isfinite(stages[-1]["epochs"][-1]["val_loss"])
+
+
 # One engine: the whole MobileNetV2 takes the longest of this file (keras-torch: no compile).
 @pytest.mark.backends("keras-torch")
 def test_xfer_run_on_a_keras_applications_backbone(kit, folder, capsys):
