@@ -39,8 +39,7 @@ nox.options.default_venv_backend = "venv"
 nox.options.sessions = [
     "lint",
     *(f"tests-{f.label}" for f in REGISTRY),
-    "parity",
-    "doctests",
+    "parity",  # with the doctests
     "tests-external",
     "tests-torchvision",
 ]
@@ -121,8 +120,9 @@ def tests_torchvision(session: nox.Session) -> None:
 
 @nox.session
 def parity(session: nox.Session) -> None:
-    """Every backend against every other, from the same neutral weights; and ``xfer
-    compare`` end to end through the console script (tests/test_compare_command_end_to_end.py)."""
+    """Every backend against every other, from the same neutral weights; ``xfer compare``
+    end to end through the console script (tests/test_compare_command_end_to_end.py);
+    ``xfer.convert`` across the three frameworks; then the docstring examples."""
     session.install(*CONSTRAINTS, ".[all,dev]")
     session.run(
         "pytest",
@@ -137,16 +137,22 @@ def parity(session: nox.Session) -> None:
             "KERAS_HOME": tempfile.mkdtemp(prefix="xfer-keras-"),
         },
     )
+    _doctests(session)  # on the same install: a session of their own would repeat it
 
 
 @nox.session
 def doctests(session: nox.Session) -> None:
-    """Every docstring example of xfer and its backends runs (tests/test_docstring_examples.py)."""
+    """Every docstring example of xfer and its backends runs (tests/test_docstring_examples.py);
+    also run by ``parity``."""
     session.install(*CONSTRAINTS, ".[all,dev]")
+    _doctests(session, *session.posargs)
+
+
+def _doctests(session: nox.Session, *pytest_args: str) -> None:
     session.run(
         "pytest",
         "tests/test_docstring_examples.py",
-        *session.posargs,
+        *pytest_args,
         env={
             "XFER_DOCTESTS": "1",
             "KERAS_BACKEND": "jax",

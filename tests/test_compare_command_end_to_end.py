@@ -7,6 +7,8 @@ subprocess) and flax; ``--format json`` is parsed. Runs when XFER_PARITY=1 (nox 
 - the default model (small_cnn, pretrained on the source digits by the first backend);
 - ``--model resnet18``: a narrow ResNet-18 from fresh seeded weights on the digits upsampled
   to 16x16, with the preset's BN policies (frozen, then affine: moving statistics);
+- ``--model resnet50``: xfer.models.resnet50 (keras.applications' layout, 23.5M
+  parameters) on a folder of 32x32 images (``--data``), the real backbone of docs/convert.md;
 - the whole main job (40 epochs), which the README says agrees;
 - and runs that must fail: ``--tolerance 0`` exits 1 and names a pair; and with the one
   array writer's contiguity step removed (the bug of issue 11: safetensors 0.8 scrambles a
@@ -20,6 +22,7 @@ import os
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from xfer._config import LABELS
@@ -73,6 +76,27 @@ def test_compare_agrees_across_the_four_backends(tmp_path, model):
     losses = {b: m["finetune"]["val_loss"] for b, m in result["backends"].items()}
     assert max(losses.values()) - min(losses.values()) < 1e-2 and min(losses.values()) > 0
     assert (tmp_path / "report" / "report.md").read_text().count("**AGREE**") == 1
+
+
+def test_compare_agrees_on_resnet50_at_a_small_image_size(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("dark", "mid", "bright")):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(4):
+            pixels = rng.integers(0, 80, (32, 32, 3)) + 80 * c
+            Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "images" / name / f"{i}.png")
+    data = ["--data", str(tmp_path / "images"), "--val-fraction", "0.25"]
+    # The default preset (head on the frozen base, then fine-tuning with BN affine): a
+    # random 50-layer base trained whole with batch statistics on 9 images blows up to
+    # losses of 1e25, where rounding alone parts the backends.
+    status, result, stderr = _compare(tmp_path, *data, "--model", "resnet50")
+    print(f"\nresnet50: {result['verdict']}, largest {result['largest']}")
+    assert status == 0, stderr[-2000:]
+    assert result["verdict"] == "agree" and set(result["backends"]) == BACKENDS
+    assert result["largest"]["relative"] <= DEFAULT_TOLERANCE
+    assert result["frozen_tensors_kept"] is True
 
 
 def test_compare_fails_past_its_tolerance_and_names_the_pair(tmp_path):
