@@ -2,9 +2,9 @@
 logits in every framework, keras.applications.ResNet50 included.
 
 Each test runs with the frameworks this process can hold (Keras only where the session set
-its engine, as in test_weights): the keras sessions check keras.applications against
-xfer's Keras model (and torch, on keras-torch); the ``parity`` session, where every
-framework is installed, runs the whole chain keras.applications -> torch -> flax -> Keras.
+its engine, as in test_weights). nox runs the file once, in the ``parity`` session, where
+every framework is installed: the whole chain keras.applications -> torch -> flax -> Keras
+(a ResNet-50 build per framework is too slow to repeat in every per-framework session).
 """
 
 from __future__ import annotations
