@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from xfer.data import images as images_data
-from xfer.job import _pipeline, data_model, load_data, transfer_pipeline
+from xfer.job import data_model, load_data, pipeline_for, transfer_pipeline
 from xfer.pipeline import History
 from xfer.weights import load_weights
 
@@ -81,7 +81,7 @@ def run_on_data(
         load_weights(net, weights)  # a file of this model's neutral weights
     if download and images.normalisation == images_data.NORMALISATION:
         images = _imagenet_ready(model, images)
-    pipe = _pipeline(
+    pipe = pipeline_for(
         net,
         arguments["preset"],
         arguments["bn"],

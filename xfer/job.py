@@ -280,10 +280,18 @@ def transfer_pipeline(
         net = data_model(backend, model, images, seed=seed, head=head)
         train, val = images.train, images.val
     options = dict(checkpoint_dir=checkpoint_dir, cache=cache, device=device)
-    return _pipeline(net, preset, bn, seed, quick, progress, **options), train, val
+    return pipeline_for(net, preset, bn, seed, quick, progress, **options), train, val
 
 
-def _pipeline(net, preset, bn, seed, quick, progress, **options) -> TransferPipeline:
+def pipeline_for(net, preset, bn, seed, quick, progress, **options) -> TransferPipeline:
+    """The job's pipeline on ``net``: the preset's stages, the job's optimizer and batch
+    size; shared by the digits job and the data job (xfer/data_job.py).
+
+    Example:
+        >>> pipe = pipeline_for(build_model("torch", 0), "keras_guide", None, 0, True, None)
+        >>> [stage.name for stage in pipe.stages]
+        ['head', 'finetune']
+    """
     # SGD with momentum: the frameworks' Adam differ in where epsilon goes (Keras adds it
     # before the bias correction), which fifty epochs turn into visibly different curves.
     return TransferPipeline(
