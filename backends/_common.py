@@ -14,10 +14,27 @@ import types
 from collections.abc import Sequence
 from typing import Any
 
-from xfer._adapter import Adapter, Engine, Models, Units, Weights
+from xfer._adapter import (
+    Adapter,
+    Engine,
+    Export,
+    Folding,
+    Models,
+    Recalibration,
+    Units,
+    Weights,
+)
 
 # Which module of a backend package implements which contract.
-CONTRACTS = {"units": Units, "weights": Weights, "engine": Engine, "models": Models}
+CONTRACTS = {
+    "units": Units,
+    "weights": Weights,
+    "engine": Engine,
+    "models": Models,
+    "recalibration": Recalibration,
+    "folding": Folding,
+    "export": Export,
+}
 
 
 def contract_members(protocol: type) -> list[str]:
@@ -30,18 +47,18 @@ def contract_members(protocol: type) -> list[str]:
     """
     own = [n for n in vars(protocol) if not n.startswith("_")]
     methods = [n for n in own if inspect.isfunction(vars(protocol)[n])]
-    return [*methods, *protocol.__annotations__]
+    return [*methods, *vars(protocol).get("__annotations__", {})]
 
 
 def assemble(name: str, **modules: types.ModuleType) -> Adapter:
     """The adapter object of backend ``name``, from its modules ``units``, ``weights``,
-    ``engine`` and ``models``: each defines, as module-level functions (and data), the
+    ``engine``, ``models``, ``recalibration``, ``folding`` and ``export``: each defines, as module-level functions (and data), the
     members of its Protocol under the same names. A missing member is an ``AttributeError``
     at import, not a failure deep in a training run.
 
     Example:
         >>> from xfer.backends.torch import engine, models, units, weights  # doctest: +SKIP
-        >>> ADAPTER = assemble("torch", units=units, weights=weights, engine=engine, models=models)  # doctest: +SKIP
+        >>> ADAPTER = assemble("torch", units=units, weights=weights, ...)  # doctest: +SKIP
     """
     if sorted(modules) != sorted(CONTRACTS):
         raise TypeError(f"assemble needs the modules {sorted(CONTRACTS)}, got {sorted(modules)}")

@@ -13,7 +13,17 @@ from xfer._adapter import Adapter, load_adapter
 from xfer.backends import _common
 
 BACKENDS_DIR = pathlib.Path(_common.__file__).parent
-FILES = {"__init__.py", "units.py", "weights.py", "engine.py", "models.py", "semantics.py"}
+FILES = {
+    "__init__.py",
+    "units.py",
+    "weights.py",
+    "engine.py",
+    "models.py",
+    "recalibration.py",
+    "folding.py",
+    "export.py",
+    "semantics.py",
+}
 
 
 @pytest.fixture

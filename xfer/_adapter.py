@@ -306,9 +306,24 @@ class Models(Protocol):
 
 
 @runtime_checkable
-class Adapter(Units, Weights, Engine, Models, Protocol):
+class Recalibration(Protocol):
+    """Re-estimating BatchNorm statistics on new data, for ``xfer.recalibrate_bn``."""
+
+
+@runtime_checkable
+class Folding(Protocol):
+    """A deploy copy with inference BatchNorm folded into the layer before it, for ``xfer.fold_bn``."""
+
+
+@runtime_checkable
+class Export(Protocol):
+    """ONNX export with the framework's own exporter, for ``xfer.export_onnx``."""
+
+
+@runtime_checkable
+class Adapter(Units, Weights, Engine, Models, Recalibration, Folding, Export, Protocol):
     """What each backend package (``backends/torch/``, ``keras/``, ``flax/``) provides, as
-    one object in its ``__init__.py``: the four small contracts and the backend's name."""
+    one object in its ``__init__.py``: the seven small contracts and the backend's name."""
 
     name: str
 

@@ -46,7 +46,7 @@ Example:
 from __future__ import annotations
 
 from xfer.backends._common import assemble
-from xfer.backends.flax import engine, models, units, weights
+from xfer.backends.flax import engine, export, folding, models, recalibration, units, weights
 from xfer.backends.flax.models import (
     GlobalAvgPool,
     ResNet,
@@ -66,4 +66,13 @@ __all__ = [
     "TransferModel",
 ]
 
-ADAPTER = assemble("flax", units=units, weights=weights, engine=engine, models=models)
+ADAPTER = assemble(
+    "flax",
+    units=units,
+    weights=weights,
+    engine=engine,
+    models=models,
+    recalibration=recalibration,
+    folding=folding,
+    export=export,
+)

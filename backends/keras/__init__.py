@@ -68,8 +68,17 @@ def untested_keras(version: str) -> str | None:
 if (_untested := untested_keras(keras.__version__)) is not None:
     warnings.warn(_untested, stacklevel=2)
 
-from xfer.backends.keras import engine, models, units, weights  # noqa: E402 - warn first: a new Keras may break an import below
+from xfer.backends.keras import engine, export, folding, models, recalibration, units, weights  # noqa: E402 - warn first: a new Keras may break an import below
 
-ADAPTER = assemble("keras", units=units, weights=weights, engine=engine, models=models)
+ADAPTER = assemble(
+    "keras",
+    units=units,
+    weights=weights,
+    engine=engine,
+    models=models,
+    recalibration=recalibration,
+    folding=folding,
+    export=export,
+)
 
 __all__ = ["ADAPTER", "KERAS_TESTED", "untested_keras"]

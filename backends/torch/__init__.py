@@ -24,9 +24,18 @@ Example:
 """
 
 from xfer.backends._common import assemble
-from xfer.backends.torch import engine, models, units, weights
+from xfer.backends.torch import engine, export, folding, models, recalibration, units, weights
 from xfer.backends.torch.models import GlobalAvgPool, ResNet, SmallCNN, TransferHead, TransferModel
 
 __all__ = ["ADAPTER", "GlobalAvgPool", "ResNet", "SmallCNN", "TransferHead", "TransferModel"]
 
-ADAPTER = assemble("torch", units=units, weights=weights, engine=engine, models=models)
+ADAPTER = assemble(
+    "torch",
+    units=units,
+    weights=weights,
+    engine=engine,
+    models=models,
+    recalibration=recalibration,
+    folding=folding,
+    export=export,
+)

@@ -1,0 +1,1 @@
+"""ONNX export (``xfer.export_onnx``) on keras: the backend part of ``xfer._adapter.Export``."""

@@ -1,0 +1,1 @@
+"""BatchNorm folding (``xfer.fold_bn``) on torch: the backend part of ``xfer._adapter.Folding``."""
