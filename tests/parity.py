@@ -3,7 +3,8 @@
 ``run_checks(kit)`` loads the same neutral weights into the backend's reference model and
 records, with the framework's own loops (tests/kits): inference logits; one training-mode
 forward (logits and updated BN statistics); three full-batch SGD steps in training mode;
-three Adam steps with BN "affine"; one SGD step under each BN policy; and xfer's own
+three Adam steps with BN "affine"; one SGD step under each BN policy; BN statistics
+recalibrated by xfer.recalibrate_bn; and xfer's own
 two-stage pipeline (loss curve, validation loss, final weights). BN conventions are
 translated so that every backend should give the same numbers: torch's running variance is
 updated with the unbiased batch variance, the others with the biased one (DESIGN §5).
@@ -147,8 +148,38 @@ def run_checks(kit) -> dict[str, np.ndarray]:
         kit.fit(model, x, y, epochs=1, batch_size=len(x), lr=0.05, optimizer="sgd")
         after = keras_convention(kit, weights, xfer.export_weights(model), n)
         out.update({f"policy_{policy}.{k}": v for k, v in after.items()})
+    out.update(_recalibration_checks(fresh(), kit))
     out.update(_pipeline_checks(kit, weights))
     out.update(_resnet_checks(kit))
+    return out
+
+
+def _recalibration_checks(model, kit) -> dict[str, np.ndarray]:
+    """xfer.recalibrate_bn on a model whose BN is pinned to inference: three equal batches
+    of shifted images. Torch's unbiased variance is re-expressed as the biased one (exact
+    for equal batches: the average of n/(n-1) x biased is n/(n-1) x the average). Recorded
+    in the units that matter to the normalisation, against the float64 reference: the
+    mean's offset in standard deviations, the variance as a ratio (a variance near 30 is
+    only resolved to 2e-6 in float32)."""
+    import xfer
+
+    xfer.set_bn(model, "frozen")
+    rng = np.random.default_rng(7)
+    x = rng.normal(1.5, 2.0, (24, 8, 8, CHANNELS)).astype("float32")
+    xfer.recalibrate_bn(model, x, batch_size=8)
+    after = xfer.export_weights(model)
+    n = _elements_per_channel(x[:8])
+    correction = (n - 1) / n if kit.running_var_unbiased else 1.0
+    used = [numpy_forward(reference_weights(), x[i : i + 8], train=True)[1] for i in (0, 8, 16)]
+    out = {}
+    for unit in BN_UNITS:
+        mean = np.mean([u[unit][0] for u in used], axis=0)
+        var = np.mean([u[unit][1] for u in used], axis=0)
+        found_var = after[f"{unit}.moving_variance"].astype("float64") * correction
+        out[f"recalibrate.{unit}.mean_offset"] = (after[f"{unit}.moving_mean"] - mean) / np.sqrt(
+            var
+        )
+        out[f"recalibrate.{unit}.variance_ratio"] = found_var / var
     return out
 
 
@@ -227,7 +258,9 @@ def check_group(key: str) -> str:
 
 def tolerance(key: str) -> float:
     """Absolute tolerance per check: float32 rounding, grown by the steps taken."""
-    return {"inference": 2e-6, "train_forward": 2e-6}.get(check_group(key), 1e-5)
+    return {"inference": 2e-6, "train_forward": 2e-6, "recalibrate": 1e-6}.get(
+        check_group(key), 1e-5
+    )
 
 
 def main(argv: list[str]) -> None:

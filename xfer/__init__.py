@@ -21,6 +21,7 @@ from xfer.models import attach_head
 from xfer.pipeline import History, Interrupted, NonFiniteLoss, Stage, TransferPipeline, presets
 from xfer.policy import PRESETS as BN_PRESETS
 from xfer.policy import BNPolicy
+from xfer.recalibration import recalibrate_bn
 from xfer.state import (
     SelectionError,
     changed_tensors,
@@ -71,6 +72,7 @@ __all__ = [
     "import_weights",
     "load_weights",
     "models",
+    "recalibrate_bn",
     "save_weights",
     "select",
     "set_backend",

@@ -309,6 +309,27 @@ class Models(Protocol):
 class Recalibration(Protocol):
     """Re-estimating BatchNorm statistics on new data, for ``xfer.recalibrate_bn``."""
 
+    def batch_statistics(
+        self, model: Any, units: list[Unit], x: np.ndarray
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """One forward of the channels-last batch ``x`` in the framework's inference mode,
+        except that the BatchNorm ``units`` normalise with the batch's own statistics;
+        returns, per unit path, the batch mean and variance as the framework would store
+        them in its moving statistics (torch: the unbiased variance; Keras, Flax: the
+        biased one).
+
+        Pins, policies, modes, parameters and every other BN's statistics are as they were
+        afterwards; the ``units``' own moving statistics may hold this batch's values
+        (``xfer.recalibrate_bn`` assigns them at the end). A ``ValueError`` naming the unit,
+        before anything changes, for a BN whose statistics cannot be re-estimated.
+        """
+
+    def assign_statistics(
+        self, model: Any, units: list[Unit], values: dict[str, tuple[np.ndarray, np.ndarray]]
+    ) -> None:
+        """Set each unit's moving mean and variance to ``values[unit.path]`` (float64
+        arrays of the right shape), in the variables' own dtype, in place."""
+
 
 @runtime_checkable
 class Folding(Protocol):
