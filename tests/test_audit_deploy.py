@@ -49,3 +49,22 @@ def test_half_model_has_low_precision_stats(kit):
         if isinstance(m, __import__("torch").nn.modules.batchnorm._BatchNorm):
             m.float()
     assert "bn-stats-low-precision" not in _codes(model)
+
+
+@pytest.mark.backends("torch")
+def test_batch_of_one_follows_the_current_mode(kit):
+    model = kit.model()
+    assert "bn-batch-of-one" in _codes(model.train(), batch_size=1)
+    assert "bn-batch-of-one" not in _codes(model.eval(), batch_size=1)
+
+
+@pytest.mark.backends("torch")
+def test_cumulative_average_in_pinned_unit(kit):
+    from torch import nn
+
+    model = kit.model()
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns[0].momentum = None
+    assert "bn-cumulative-average-in-pinned-unit" not in _codes(model)
+    xfer.set_mode(model, "inference")
+    assert "bn-cumulative-average-in-pinned-unit" in _codes(model)

@@ -43,6 +43,11 @@ def audit(model: Any, batch_size: int | None = None) -> list[Finding]:
     the statistics and never re-estimates them) *on a model that was trained*. "Trained"
     means: the BN's own gamma/beta are not at their initial 1/0, or another BN of the
     model has statistics other than 0/1. A freshly built model therefore gives no finding.
+    ``bn-batch-of-one`` reports only BNs that compute with batch statistics at the moment
+    of the call (``Units.current_mode``): ``model.eval()`` on torch clears it; on Keras an
+    unpinned BN follows ``training=`` and is reported. ``bn-cumulative-average-in-pinned-unit``
+    reports a BN with a cumulative average (torch ``momentum=None``) that is pinned or
+    has a pinned ancestor.
     ``bn-stats-low-precision`` reports BN statistics stored in float16/bfloat16.
 
     Example:
@@ -87,7 +92,7 @@ def audit(model: Any, batch_size: int | None = None) -> list[Finding]:
         add(
             "bn-batch-of-one",
             "error",
-            [u for u in bns if modes[u.path] != "inference"],
+            [u for u in bns if adapter.current_mode(u) == "train"],
             f"Training with batch size {batch_size}: BatchNorm in train mode normalises each "
             "sample by itself (zero variance), which breaks training and its statistics.",
             "Use a larger batch, or xfer.set_bn(model, 'frozen'|'affine') so BN uses its "
@@ -111,6 +116,23 @@ def audit(model: Any, batch_size: int | None = None) -> list[Finding]:
         "xfer.set_mode(model, 'inference', S.path('<block>.**')) for the frozen block.",
     )
     findings.extend(_stat_findings(adapter, model, bns))
+    pinned = {u.segments for u in units if modes[u.path] != "inherit"}
+    add(
+        "bn-cumulative-average-in-pinned-unit",
+        "warning",
+        [
+            u
+            for u in bns
+            if adapter.bn_momentum(u) is None
+            and any(u.segments[:i] in pinned for i in range(len(u.segments) + 1))
+        ],
+        "BatchNorm with a cumulative moving average (momentum=None) in a pinned unit: its "
+        "statistics weight every batch by num_batches_tracked, which keeps counting across "
+        "pin/unpin cycles, so batches seen after a re-pin barely move them and the mix of "
+        "old and new data is not what either phase intended.",
+        "Give the BN a momentum (bn.momentum = 0.1), or re-estimate with "
+        "xfer.recalibrate_bn(model, batches) after the last unpin.",
+    )
     total_trainable = sum(t for t, _ in counts.values())
     if not total_trainable and any(f for _, f in counts.values()):
         findings.append(
