@@ -148,6 +148,15 @@ class Units(Protocol):
     def set_mode(self, unit: Unit, mode: Mode) -> None:
         """Pin the unit's own computation to a mode that survives the framework's switches."""
 
+    def current_mode(self, unit: Unit) -> str:
+        """``"train"`` or ``"inference"``: how the unit would compute if called now (a pin
+        wins; torch's ``training`` flag, NNX's ``use_running_average``). Keras has no
+        persistent mode: an unpinned layer reads ``"train"`` (it follows ``training=``)."""
+
+    def bn_momentum(self, unit: Unit) -> float | None:
+        """A BN unit's momentum as the framework states it; ``None`` for a cumulative
+        moving average (torch ``momentum=None``) or a unit that is not a BN."""
+
 
 @runtime_checkable
 class Weights(Protocol):

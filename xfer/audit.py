@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+import numpy as np
+
 from xfer._adapter import Unit, find_adapter
 
 
@@ -34,6 +36,19 @@ def audit(model: Any, batch_size: int | None = None) -> list[Finding]:
     """Look for the usual freezing/inference-mode mistakes; return the findings.
 
     Pass the batch size you train with to also check BatchNorm against it.
+
+    Deploy checks on the BN statistics, read through the adapter's ``tensors``:
+    ``bn-stats-look-reset`` reports a BN whose moving mean is all 0 and moving variance all 1
+    (what ``torch.optim.swa_utils.update_bn`` leaves on a BN pinned to inference: it resets
+    the statistics and never re-estimates them) *on a model that was trained*. "Trained"
+    means: the BN's own gamma/beta are not at their initial 1/0, or another BN of the
+    model has statistics other than 0/1. A freshly built model therefore gives no finding.
+    ``bn-batch-of-one`` reports only BNs that compute with batch statistics at the moment
+    of the call (``Units.current_mode``): ``model.eval()`` on torch clears it; on Keras an
+    unpinned BN follows ``training=`` and is reported. ``bn-cumulative-average-in-pinned-unit``
+    reports a BN with a cumulative average (torch ``momentum=None``) that is pinned or
+    has a pinned ancestor.
+    ``bn-stats-low-precision`` reports BN statistics stored in float16/bfloat16.
 
     Example:
         >>> import xfer
@@ -77,7 +92,7 @@ def audit(model: Any, batch_size: int | None = None) -> list[Finding]:
         add(
             "bn-batch-of-one",
             "error",
-            [u for u in bns if modes[u.path] != "inference"],
+            [u for u in bns if adapter.current_mode(u) == "train"],
             f"Training with batch size {batch_size}: BatchNorm in train mode normalises each "
             "sample by itself (zero variance), which breaks training and its statistics.",
             "Use a larger batch, or xfer.set_bn(model, 'frozen'|'affine') so BN uses its "
@@ -100,6 +115,24 @@ def audit(model: Any, batch_size: int | None = None) -> list[Finding]:
         "features that cannot adapt to it (the Keras guide runs a frozen base in inference mode).",
         "xfer.set_mode(model, 'inference', S.path('<block>.**')) for the frozen block.",
     )
+    findings.extend(_stat_findings(adapter, model, bns))
+    pinned = {u.segments for u in units if modes[u.path] != "inherit"}
+    add(
+        "bn-cumulative-average-in-pinned-unit",
+        "warning",
+        [
+            u
+            for u in bns
+            if adapter.bn_momentum(u) is None
+            and any(u.segments[:i] in pinned for i in range(len(u.segments) + 1))
+        ],
+        "BatchNorm with a cumulative moving average (momentum=None) in a pinned unit: its "
+        "statistics weight every batch by num_batches_tracked, which keeps counting across "
+        "pin/unpin cycles, so batches seen after a re-pin barely move them and the mix of "
+        "old and new data is not what either phase intended.",
+        "Give the BN a momentum (bn.momentum = 0.1), or re-estimate with "
+        "xfer.recalibrate_bn(model, batches) after the last unpin.",
+    )
     total_trainable = sum(t for t, _ in counts.values())
     if not total_trainable and any(f for _, f in counts.values()):
         findings.append(
@@ -112,3 +145,69 @@ def audit(model: Any, batch_size: int | None = None) -> list[Finding]:
             )
         )
     return findings
+
+
+_LOW = ("float16", "bfloat16")
+
+
+def _is(array, value: float) -> bool:
+    return bool(np.all(np.asarray(array, dtype=np.float64) == value))
+
+
+def _stat_findings(adapter, model, bns: list[Unit]) -> list[Finding]:
+    if not bns:
+        return []
+    arrays = {}
+    for key, array in adapter.tensors(model):
+        arrays[key.lstrip(".")] = (str(array.dtype), np.asarray(array, dtype=np.float64))
+
+    def get(unit: Unit, name: str):
+        return arrays.get(f"{unit.path}.{name}".lstrip("."))
+
+    default, trained_own, low = {}, {}, []
+    for u in bns:
+        stats = [get(u, n) for n in u.stats]
+        stats = [s for s in stats if s is not None]
+        if len(stats) >= 2:
+            default[u.path] = _is(stats[0][1], 0.0) and _is(stats[1][1], 1.0)
+        if any(dtype in _LOW for dtype, _ in stats):
+            low.append(u)
+        params = [get(u, n) for n in u.params]
+        params = [p for p in params if p is not None]
+        trained_own[u.path] = len(params) >= 2 and not (
+            _is(params[0][1], 1.0) and _is(params[1][1], 0.0)
+        )
+    reset = [
+        u
+        for u in bns
+        if default.get(u.path)
+        and (trained_own[u.path] or any(not d for p, d in default.items() if p != u.path))
+    ]
+    found = []
+    if reset:
+        found.append(
+            Finding(
+                "bn-stats-look-reset",
+                "error",
+                tuple(u.path for u in reset),
+                "BatchNorm moving statistics are exactly mean 0 / variance 1 on a model that "
+                "was trained: they look reset and never re-estimated (torch's "
+                "swa_utils.update_bn does this to a BN pinned to inference), so inference "
+                "normalises with meaningless statistics.",
+                "xfer.recalibrate_bn(model, batches) to estimate them on data, or restore "
+                "them from a checkpoint.",
+            )
+        )
+    if low:
+        found.append(
+            Finding(
+                "bn-stats-low-precision",
+                "warning",
+                tuple(u.path for u in low),
+                "BatchNorm moving statistics are stored in float16/bfloat16: the running "
+                "variance loses precision (small updates vanish, tiny variances round off).",
+                "Keep BN in float32: torch model.half() then bn.float() for each BN (or "
+                "autocast instead of half); Keras's mixed_float16 policy keeps them float32.",
+            )
+        )
+    return found

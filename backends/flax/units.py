@@ -270,3 +270,13 @@ def _pinned_class(base: type, mode: str) -> type:
     # The class's own metaclass registers the subclass as an NNX graph node and JAX pytree.
     _PINNED[key] = type(base)(base.__name__, (base,), namespace)
     return _PINNED[key]
+
+
+def current_mode(unit: Unit) -> str:
+    # An unpinned module's flag may be stale (left by an earlier pin, or flipped by the
+    # next model.train()), so only a pin counts as inference.
+    return "inference" if get_mode(unit) == "inference" else "train"
+
+
+def bn_momentum(unit: Unit) -> float | None:
+    return float(unit.native.momentum) if unit.is_bn else None

@@ -365,3 +365,12 @@ def set_mode(unit: Unit, mode: str) -> None:
         _install_pin(layer, "train" if mode == "train" else None)
         return
     _install_pin(layer, None if mode == "inherit" else mode)
+
+
+def current_mode(unit: Unit) -> str:
+    # Keras has no persistent mode: an unpinned layer follows the call's ``training=``.
+    return "inference" if get_mode(unit) == "inference" else "train"
+
+
+def bn_momentum(unit: Unit) -> float | None:
+    return float(unit.native.momentum) if unit.is_bn else None

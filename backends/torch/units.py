@@ -194,3 +194,16 @@ def set_mode(unit: Unit, mode: Mode) -> None:
     module.training = mode == "train"
     if not registered:
         module.register_forward_pre_hook(_apply_pin)
+
+
+def current_mode(unit: Unit) -> str:
+    if is_frozen_bn(unit.native):
+        return "inference"
+    pin = unit.native.__dict__.get(PIN)  # a pin wins: its hook resets ``training``
+    return pin or ("train" if unit.native.training else "inference")
+
+
+def bn_momentum(unit: Unit) -> float | None:
+    if is_frozen_bn(unit.native):  # never updates its statistics
+        return 0.0
+    return unit.native.momentum if unit.is_bn else None
