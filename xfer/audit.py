@@ -115,7 +115,27 @@ def audit(model: Any, batch_size: int | None = None) -> list[Finding]:
         "features that cannot adapt to it (the Keras guide runs a frozen base in inference mode).",
         "xfer.set_mode(model, 'inference', S.path('<block>.**')) for the frozen block.",
     )
-    findings.extend(_stat_findings(adapter, model, bns))
+    reset, low = _stat_problems(adapter, model, bns)
+    add(
+        "bn-stats-look-reset",
+        "error",
+        reset,
+        "BatchNorm moving statistics are exactly mean 0 / variance 1 on a model that "
+        "was trained: they look reset and never re-estimated (torch's "
+        "swa_utils.update_bn does this to a BN pinned to inference), so inference "
+        "normalises with meaningless statistics.",
+        "xfer.recalibrate_bn(model, batches) to estimate them on data, or restore "
+        "them from a checkpoint.",
+    )
+    add(
+        "bn-stats-low-precision",
+        "warning",
+        low,
+        "BatchNorm moving statistics are stored in float16/bfloat16: the running "
+        "variance loses precision (small updates vanish, tiny variances round off).",
+        "Keep BN in float32: torch model.half() then bn.float() for each BN (or "
+        "autocast instead of half); Keras's mixed_float16 policy keeps them float32.",
+    )
     pinned = {u.segments for u in units if modes[u.path] != "inherit"}
     add(
         "bn-cumulative-average-in-pinned-unit",
@@ -154,9 +174,10 @@ def _is(array, value: float) -> bool:
     return bool(np.all(np.asarray(array, dtype=np.float64) == value))
 
 
-def _stat_findings(adapter, model, bns: list[Unit]) -> list[Finding]:
+def _stat_problems(adapter, model, bns: list[Unit]) -> tuple[list[Unit], list[Unit]]:
+    # The BNs whose statistics look reset, and those stored in low precision.
     if not bns:
-        return []
+        return [], []
     arrays = {}
     for key, array in adapter.tensors(model):
         arrays[key.lstrip(".")] = (str(array.dtype), np.asarray(array, dtype=np.float64))
@@ -183,31 +204,4 @@ def _stat_findings(adapter, model, bns: list[Unit]) -> list[Finding]:
         if default.get(u.path)
         and (trained_own[u.path] or any(not d for p, d in default.items() if p != u.path))
     ]
-    found = []
-    if reset:
-        found.append(
-            Finding(
-                "bn-stats-look-reset",
-                "error",
-                tuple(u.path for u in reset),
-                "BatchNorm moving statistics are exactly mean 0 / variance 1 on a model that "
-                "was trained: they look reset and never re-estimated (torch's "
-                "swa_utils.update_bn does this to a BN pinned to inference), so inference "
-                "normalises with meaningless statistics.",
-                "xfer.recalibrate_bn(model, batches) to estimate them on data, or restore "
-                "them from a checkpoint.",
-            )
-        )
-    if low:
-        found.append(
-            Finding(
-                "bn-stats-low-precision",
-                "warning",
-                tuple(u.path for u in low),
-                "BatchNorm moving statistics are stored in float16/bfloat16: the running "
-                "variance loses precision (small updates vanish, tiny variances round off).",
-                "Keep BN in float32: torch model.half() then bn.float() for each BN (or "
-                "autocast instead of half); Keras's mixed_float16 policy keeps them float32.",
-            )
-        )
-    return found
+    return reset, low
