@@ -212,10 +212,18 @@ def test_the_readme_data_example_is_what_a_fresh_run_prints(kit, tmp_path, monke
         for s in report["history"]["stages"]
     ]
     assert len(rows) == len(fresh) == 2
-    for readme_row, now in zip(rows, fresh, strict=True):
-        assert now == pytest.approx(tuple(map(float, readme_row)), abs=0.005), (
-            f"README says {readme_row}, a fresh run gives {now}; rerun scripts/readme_numbers.py"
-        )
+    # The head-only stage reproduces to 1e-4 on any CPU. The unfrozen stage trains a randomly
+    # initialised CNN for 20 epochs, which amplifies float reduction order (thread count, the
+    # CPU's SIMD kernels): measured 0.800 / 0.833 / 0.867 val acc with 1, 2 threads and another
+    # x86 CPU, loss within 0.015. So it is held to 0.03 loss and 5 of the 60 images, which a
+    # wrong BN policy, optimiser or split still breaks.
+    tolerances = ((0.005, 0.005, 0.005), (0.03, 0.03, 5 / 60))
+    for readme_row, now, tolerance in zip(rows, fresh, tolerances, strict=True):
+        for said, got, within in zip(map(float, readme_row), now, tolerance, strict=True):
+            assert got == pytest.approx(said, abs=within), (
+                f"README says {readme_row}, a fresh run gives {now}; "
+                "rerun scripts/readme_numbers.py"
+            )
 
 
 @pytest.mark.backends("torch")
