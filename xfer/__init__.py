@@ -17,6 +17,7 @@ from xfer._config import backend_context, get_backend, set_backend
 from xfer.audit import Finding, audit
 from xfer.checkpoint import CheckpointError
 from xfer.convert import convert
+from xfer.folding import fold_bn
 from xfer.models import attach_head
 from xfer.pipeline import History, Interrupted, NonFiniteLoss, Stage, TransferPipeline, presets
 from xfer.policy import PRESETS as BN_PRESETS
@@ -65,6 +66,7 @@ __all__ = [
     "export_state",
     "export_weights",
     "fingerprints",
+    "fold_bn",
     "freeze",
     "frozen_tensors",
     "get_backend",

@@ -344,6 +344,19 @@ class Recalibration(Protocol):
 class Folding(Protocol):
     """A deploy copy with inference BatchNorm folded into the layer before it, for ``xfer.fold_bn``."""
 
+    def fold_bn(self, model: Any, units: list[Unit]) -> tuple[Any, list[tuple[str, str]]]:
+        """A deploy copy of ``model`` in which each BN among ``units`` whose input is the
+        output of a conv or dense unit, and only its input, is folded into that unit: the
+        unit's kernel and bias become ``xfer.folding.folded_kernel_and_bias`` of the pair (a
+        bias is added where there was none) and the BN is removed or made an identity.
+
+        The copy is in the framework's inference mode (torch and NNX: ``eval()``; Keras is
+        called with ``training=False``) and computes what the model computes there, within
+        float32 rounding; the model itself is untouched (no tensor, pin or mode changes). Returns the copy and the
+        ``(layer path, BN path)`` pairs folded, paths as in ``model``. A ``ValueError``
+        naming the model's type when the framework cannot copy or trace it.
+        """
+
 
 @runtime_checkable
 class Export(Protocol):
