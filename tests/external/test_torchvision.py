@@ -177,3 +177,20 @@ def test_faster_rcnn_frozen_batchnorm_is_reported():
     summary = xfer.summary(model, print_fn=None)
     assert summary.row("backbone.body.layer4.1.conv2").trainable == "no"
     assert summary.row("roi_heads.box_predictor.cls_score").trainable == "yes"
+
+
+def test_fold_bn_folds_every_bn_of_resnet18_and_mobilenet_v3_within_float32_rounding():
+    # torchvision's own models, traced by torch.fx: every BN follows a conv.
+    for model in (_resnet18(), torchvision.models.mobilenet_v3_small(weights=None, num_classes=3)):
+        x = images(2, 32)[0]
+        model.train()
+        with torch.no_grad():
+            for _ in range(5):  # statistics away from 0/1
+                model(torch.randn(8, 3, 32, 32) * 2 + 1)
+        model.eval()
+        with torch.no_grad():
+            expected = model(x)
+            folded = xfer.fold_bn(model)
+            got = folded(x)
+        assert not [m for m in folded.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert (got - expected).abs().max() <= 1e-5 * max(1.0, float(expected.abs().max()))
