@@ -17,6 +17,7 @@ from xfer._config import backend_context, get_backend, set_backend
 from xfer.audit import Finding, audit
 from xfer.checkpoint import CheckpointError
 from xfer.convert import convert
+from xfer.export import export_onnx
 from xfer.folding import fold_bn
 from xfer.models import attach_head
 from xfer.pipeline import History, Interrupted, NonFiniteLoss, Stage, TransferPipeline, presets
@@ -63,6 +64,7 @@ __all__ = [
     "audit",
     "backend_context",
     "changed_tensors",
+    "export_onnx",
     "export_state",
     "export_weights",
     "fingerprints",

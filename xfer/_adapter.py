@@ -362,6 +362,19 @@ class Folding(Protocol):
 class Export(Protocol):
     """ONNX export with the framework's own exporter, for ``xfer.export_onnx``."""
 
+    # "channels_first" (torch: NCHW) or "channels_last": how the ONNX file takes images,
+    # the framework's own layout, as its deploy tools expect.
+    onnx_layout: str
+    # The modules the exporter imports (torch.onnx: onnxscript; jax2onnx), which
+    # ``xfer.export_onnx`` checks for before any work.
+    onnx_requires: tuple[str, ...]
+
+    def export_onnx(self, model: Any, path: str, x: np.ndarray) -> None:
+        """Write the inference computation of ``model`` (BN already folded) to the ONNX file
+        ``path`` with the framework's own exporter, traced on the batch ``x`` (in
+        ``onnx_layout``; its shape is the file's static input shape). The exporter's own
+        error propagates; ``xfer.export_onnx`` words it and removes the file."""
+
 
 @runtime_checkable
 class Adapter(Units, Weights, Engine, Models, Recalibration, Folding, Export, Protocol):
