@@ -3,6 +3,7 @@ fresh machine prints (tests/test_source_weights.py checks them against a fresh r
 
     python scripts/readme_numbers.py            # the `xfer run --backend torch` blocks
     python scripts/readme_numbers.py --table    # and the BN-policy table over three seeds
+    python scripts/readme_numbers.py --adabn    # and docs/deploy.md's recalibration table
 
 Each run is ``xfer run --backend torch --format json`` through the CLI's own ``main``
 (xfer caches nothing, so every run starts from the shipped weights); the README is rewritten
@@ -93,20 +94,52 @@ def bn_table() -> str:
     return table(header, rows, markdown=True)
 
 
+DEPLOY = README.parent / "docs" / "deploy.md"
+# docs/deploy.md's AdaBN table: --bn, --recalibrate (None: without), the BN statistics.
+RECALIBRATION = (
+    ("frozen", None, "the source statistics throughout"),
+    ("frozen", "before", "re-estimated on the target before training, then frozen (AdaBN)"),
+    ("frozen", "after", "the source statistics while training, then re-estimated on the target"),
+    ("adapt", None, "follow the target while training (moving average)"),
+    ("adapt", "after", "the same, then the moving average replaced by population statistics"),
+)
+
+
+def adabn_table() -> str:
+    """docs/deploy.md's table: final target accuracy with and without ``--recalibrate``,
+    from the shipped source model, over :data:`SEEDS` (as :func:`bn_table`)."""
+    header = ("`--bn`", "`--recalibrate`", *(f"seed {s}" for s in SEEDS), "BN statistics")
+    shipped = ["--weights", str(shipped_path())]
+    rows = []
+    for bn, when, prose in RECALIBRATION:
+        options = ["--bn", bn, *(["--recalibrate", when] if when else [])]
+        accuracies = [
+            final_accuracy(xfer_run(*options, "--seed", str(seed), *shipped)) for seed in SEEDS
+        ]
+        rows.append((f"`{bn}`", when or "no", *(f"{a:.3f}" for a in accuracies), prose))
+    return table(header, rows, markdown=True)
+
+
 def replace_block(text: str, name: str, body: str) -> str:
     """``text`` with what lies between the ``name`` markers replaced by ``body``."""
     pattern = re.compile(
         rf"(<!-- readme_numbers:{name} -->\n).*?(\n<!-- /readme_numbers:{name} -->)", re.S
     )
     if not pattern.search(text):
-        raise SystemExit(f"README.md has no <!-- readme_numbers:{name} --> ... block to replace.")
+        raise SystemExit(f"no <!-- readme_numbers:{name} --> ... block to replace.")
     return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", action="store_true", help="also the BN-policy table (15 runs)")
+    parser.add_argument(
+        "--adabn", action="store_true", help="also docs/deploy.md's recalibration table (15 runs)"
+    )
     args = parser.parse_args()
+    if args.adabn:
+        write_text(DEPLOY, replace_block(DEPLOY.read_text(), "adabn", adabn_table()))
+        print(f"updated {DEPLOY}")
     text = README.read_text()
     block = f"```text\n$ xfer run --backend torch\n{run_text(xfer_run())}\n```"
     text = replace_block(text, "run", block)

@@ -44,6 +44,22 @@ APPLICATIONS = {
 }
 
 
+# Each model on one Keras engine (MobileNetV2, the smallest, on both): building and
+# fitting them is most of a Keras session's time, and the engines share the model code.
+ENGINES = {
+    "MobileNetV2": ("keras-jax", "keras-torch"),
+    "MobileNetV3Small": ("keras-torch",),
+    "EfficientNetB0": ("keras-jax",),
+    "ResNet50": ("keras-torch",),
+    "ConvNeXtTiny": ("keras-jax",),
+}
+
+
+def _on_this_engine(kit, name: str) -> None:
+    if kit.id not in ENGINES[name]:
+        pytest.skip(f"{name} runs in tests-{ENGINES[name][0]}")
+
+
 @pytest.fixture(scope="module")
 def built():
     """name -> (model, base), each built on first use and kept for the module."""
@@ -81,6 +97,7 @@ def _numpy(tensor) -> np.ndarray:
 
 @pytest.mark.parametrize("name", list(APPLICATIONS))
 def test_summary_paths_are_the_keras_layer_names_and_globs_select_them(kit, built, name):
+    _on_this_engine(kit, name)
     model, base = built(name)
     units = find_adapter(model).units(model)
     rows = xfer.summary(model, print_fn=None).rows
@@ -110,6 +127,7 @@ def _glob(name: str, pattern: str) -> bool:
 
 @pytest.mark.parametrize("name", list(APPLICATIONS))
 def test_frozen_tensors_and_pinned_bn_and_dropout_hold_under_fit(kit, built, name):
+    _on_this_engine(kit, name)
     import keras
 
     spec = APPLICATIONS[name]

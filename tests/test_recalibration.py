@@ -151,3 +151,110 @@ def test_a_failure_part_way_puts_the_statistics_back(kit):
     with pytest.raises(ValueError, match="at least 2"):
         xfer.recalibrate_bn(model, batches())
     assert not _changed(before, xfer.snapshot(model))
+
+
+# Stage(recalibrate=...): the pipeline's step, before or after the stage trains.
+
+
+def _stage(recalibrate):
+    return xfer.Stage(
+        "head", train=S.path("head.**"), bn="frozen", mode="inference", lr=1e-2, epochs=2,
+        recalibrate=recalibrate,
+    )  # fmt: skip
+
+
+def _stats(model):
+    return {k: v for k, v in xfer.snapshot(model).items() if k.split(".")[-1] in STATS}
+
+
+STATS = {"running_mean", "running_var", "moving_mean", "moving_variance", "mean", "var"}
+
+
+def test_a_stage_recalibrating_after_training_evaluates_with_the_new_statistics(kit):
+    from xfer._adapter import find_adapter
+    from xfer.pipeline import evaluate
+
+    model = _model(kit)
+    x, val = _images(4 * BATCH), _images(BATCH, seed=4)
+    y = np.arange(len(x)) % 4
+    start = _stats(model)
+    pipe = xfer.TransferPipeline(model, [_stage(True)], optimizer="sgd", batch_size=BATCH)
+    history = pipe.fit((x, y), (val, np.arange(len(val)) % 4))
+    record = history.stages[0]
+    assert record.changed == [] and record.cache == "off"
+    # Every frozen tensor but the statistics (those change by design) was verified.
+    assert record.kept == len(xfer.frozen_tensors(model)) - len(start) > 0
+    # The last evaluation saw the recalibrated statistics: it is the model's now.
+    loss, _ = evaluate(find_adapter(model), model, (val, np.arange(len(val)) % 4))
+    assert record.epochs[-1].val_loss == pytest.approx(loss, rel=1e-6)
+    # And they are recalibrate_bn's on the training images (recalibrating again keeps them).
+    after = _stats(model)
+    xfer.recalibrate_bn(model, x, batch_size=BATCH)
+    for key, value in _stats(model).items():
+        np.testing.assert_allclose(value, after[key], rtol=1e-6, atol=1e-7, err_msg=key)
+    assert all(not np.allclose(after[k], start[k]) for k in start), "not re-estimated"
+
+
+def test_a_stage_recalibrating_before_training_keeps_the_new_statistics_verified(kit):
+    x = _images(4 * BATCH)
+    y = np.arange(len(x)) % 4
+    expected_model = _model(kit)
+    xfer.recalibrate_bn(expected_model, x, batch_size=BATCH)
+    expected = _stats(expected_model)
+    model = _model(kit)
+    start = _stats(model)
+    history = xfer.TransferPipeline(
+        model, [_stage("before")], optimizer="sgd", batch_size=BATCH
+    ).fit((x, y))
+    record = history.stages[0]
+    assert record.changed == [] and record.kept == len(xfer.frozen_tensors(model))
+    for key, value in _stats(model).items():  # re-estimated, then frozen through training
+        np.testing.assert_allclose(value, expected[key], rtol=1e-6, atol=1e-7, err_msg=key)
+        assert not np.allclose(value, start[key]), key
+
+
+def test_a_stage_with_an_unknown_recalibrate_is_refused():
+    with pytest.raises(ValueError, match="recalibrate must be False, 'before', 'after' or True"):
+        xfer.Stage("head", recalibrate="sometimes").validate()
+
+
+def _deploy_table() -> dict[tuple[str, str], list[float]]:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "deploy.md").read_text()
+    block = re.search(r"<!-- readme_numbers:adabn -->\n(.*?)<!-- /", text, re.S)
+    assert block, "docs/deploy.md has no readme_numbers:adabn block"
+    table = {}
+    for row in block.group(1).strip().splitlines()[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        table[cells[0].strip("`"), cells[1]] = [float(c) for c in cells[2:-1]]
+    return table
+
+
+@pytest.mark.backends("torch")
+def test_the_deploy_docs_recalibration_table_is_what_fresh_runs_print(kit):
+    """Every cell of docs/deploy.md's table (scripts/readme_numbers.py --adabn), re-measured:
+    15 runs of the main job from the shipped source model."""
+    from xfer import job
+
+    table = _deploy_table()
+    assert list(table) == [
+        ("frozen", "no"), ("frozen", "before"), ("frozen", "after"), ("adapt", "no"), ("adapt", "after")
+    ]  # fmt: skip
+    # What the prose says: AdaBN before training beats the source statistics on most seeds,
+    # re-estimating after training on frozen statistics loses on most.
+    seeds = range(3)
+    assert sum(table["frozen", "before"][s] > table["frozen", "no"][s] for s in seeds) >= 2
+    assert sum(table["frozen", "after"][s] < table["frozen", "no"][s] for s in seeds) >= 2
+    for (bn, when), accuracies in table.items():
+        for seed, documented in enumerate(accuracies):
+            history = job.run(
+                "torch", bn=bn, seed=seed, weights_file=job.shipped_path(),
+                recalibrate=None if when == "no" else when,
+            ).history  # fmt: skip
+            now = history.stages[-1].epochs[-1].val_accuracy
+            assert now == pytest.approx(documented, abs=0.005), (
+                f"--bn {bn} --recalibrate {when} --seed {seed}: docs/deploy.md says "
+                f"{documented}, a fresh run gives {now:.3f}; rerun scripts/readme_numbers.py --adabn"
+            )

@@ -112,6 +112,23 @@ def test_xfer_run_checkpoints_and_resumes(kit, tmp_path, monkeypatch, capsys):
     assert main(["run", "--backend", backend, "--resume"]) == 2
 
 
+def test_xfer_run_recalibrate_says_when_and_checkpoints_it(kit, tmp_path, capsys):
+    backend = kit.id.partition("-")[0]
+    ckpt = str(tmp_path / "ckpt")
+    args = ["run", "--backend", backend, "--quick", "--recalibrate", "--checkpoint", ckpt]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0].endswith(", BN statistics re-estimated after the last stage")
+    manifest = json.loads((tmp_path / "ckpt" / "checkpoint.json").read_text())
+    assert [s.get("recalibrate") for s in manifest["stages"]] == [None, "after"]
+    # Resuming with another --recalibrate is a different run: refused, by name.
+    assert main([*args[:-3], "--recalibrate", "before", "--checkpoint", ckpt, "--resume"]) == 1
+    assert "recalibrate" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):  # argparse's usage error, in one line
+        main(["run", "--backend", backend, "--recalibrate", "sometimes"])
+    assert "invalid choice: 'sometimes'" in capsys.readouterr().err
+
+
 @pytest.mark.backends("keras-jax", "keras-torch")
 def test_xfer_compare_runs_keras_on_its_other_engine_too(kit, tmp_path, monkeypatch, capsys):
     from xfer import _config

@@ -79,6 +79,8 @@ def stage_config(stage: Any) -> dict[str, Any]:
         "lr_groups": [[repr(selector), float(lr)] for selector, lr in stage.lr_groups],
         "epochs": stage.epochs,
         "optimizer": stage.optimizer,
+        # Only when set, so that manifests written before the field still match.
+        **({"recalibrate": stage.recalibrates} if stage.recalibrates else {}),
     }
 
 

@@ -40,6 +40,7 @@ class DataRunResult:
     weights_path: str | None  # the file of --weights PATH
     data: dict  # xfer.data.images.ImageData.describe(): classes, counts, normalisation
     history: History
+    recalibrate: str | None = None  # as xfer.job.RunResult.recalibrate
 
 
 def run_on_data(
@@ -64,7 +65,8 @@ def run_on_data(
             whole model (``xfer.save_weights``); ``None``: seeded random weights.
         resume: continue the run saved in ``checkpoint_dir``.
         **options: ``preset``, ``bn``, ``seed``, ``progress``, ``quick``,
-            ``checkpoint_dir``, ``cache``, ``device``, as for :func:`transfer_pipeline`.
+            ``checkpoint_dir``, ``cache``, ``device``, ``recalibrate``, as for
+            :func:`transfer_pipeline`.
 
     Example:
         >>> result = run_on_data("torch", {"path": "my_images/"}, quick=True)   # doctest: +SKIP
@@ -91,6 +93,7 @@ def run_on_data(
         checkpoint_dir=arguments["checkpoint_dir"],
         cache=arguments["cache"],
         device=arguments["device"],
+        recalibrate=arguments["recalibrate"],
     )
     pipe.check(images.train, images.val, resume=resume)
     history = pipe.fit(images.train, images.val, resume=resume)
@@ -105,4 +108,5 @@ def run_on_data(
         path,
         images.describe(),
         history,
+        arguments["recalibrate"],
     )

@@ -76,8 +76,15 @@ def export_onnx(
                 f"export_onnx: the {adapter.name} ONNX exporter could not export this "
                 f"{type(model).__name__}: {type(error).__name__}: {_first_line(error)}"
             ) from error
-        session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-        got = session.run(None, {session.get_inputs()[0].name: native})[0]
+        try:
+            session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+            got = session.run(None, {session.get_inputs()[0].name: native})[0]
+        except Exception as error:  # onnxruntime's own Fail, InvalidArgument, ...
+            raise ValueError(
+                f"export_onnx: the {adapter.name} exporter wrote a file onnxruntime cannot run "
+                f"({_first_line(error)}); nothing was written to {str(path)!r}. See "
+                "docs/deploy.md for what each exporter supports."
+            ) from error
         got = _from_layout(got, adapter.onnx_layout) if got.ndim == 4 else got
         scale = max(1.0, float(np.abs(expected).max()))
         if got.shape != expected.shape or np.abs(got - expected).max() > tolerance * scale:

@@ -192,9 +192,13 @@ def zero_head(start: dict) -> dict:
     return {k: np.zeros_like(v) for k, v in start.items() if not k.startswith("base.")}
 
 
-def stages_for(preset: str, model: Any, bn: str | None, quick: bool = False) -> list[Stage]:
+def stages_for(
+    preset: str, model: Any, bn: str | None, quick: bool = False, recalibrate: str | None = None
+) -> list[Stage]:
     """The preset's stages for the embedded task, with ``bn`` (if given) in every stage;
-    ``quick``: at most two epochs per stage (a smoke run)."""
+    ``quick``: at most two epochs per stage (a smoke run); ``recalibrate``: ``"after"``,
+    the last stage re-estimates the BN statistics on the training images before its last
+    evaluation; ``"before"``, the first stage does before it trains (``Stage.recalibrate``)."""
     tuned = {
         # Fine-tuning at 1e-4: at 5e-4 the first fine-tuning epoch's loss spiked to ~10
         # and float32 rounding grew past compare's tolerance on some seeds and policies.
@@ -205,10 +209,14 @@ def stages_for(preset: str, model: Any, bn: str | None, quick: bool = False) -> 
     }
     stages = presets.preset(preset, model, **tuned.get(preset, {}))
     changes = {"bn": bn} if bn else {}
-    return [
+    stages = [
         dataclasses.replace(s, **changes, **({"epochs": min(s.epochs, 2)} if quick else {}))
         for s in stages
     ]
+    if recalibrate:
+        at = -1 if recalibrate == "after" else 0
+        stages[at] = dataclasses.replace(stages[at], recalibrate=recalibrate)
+    return stages
 
 
 @dataclasses.dataclass
@@ -220,6 +228,7 @@ class RunResult:
     weights_path: str | None  # the file the source weights were loaded from
     source_accuracy: float  # the pretrained model on its own (source) validation data
     history: History
+    recalibrate: str | None = None  # "after" the last stage or "before" the first: see stages_for
 
 
 def start_weights(
@@ -258,12 +267,13 @@ def transfer_pipeline(
     model: str = "small_cnn",
     data: dict | None = None,
     head: bool | None = None,
+    recalibrate: str | None = None,
 ) -> tuple[TransferPipeline, tuple, tuple]:
     """The pipeline of the transfer on the target task (its model freshly built on
     ``backend``, one of :data:`MODELS`), with the training and validation data.
     ``data``: the user's images instead (the options of :func:`load_data`), ``model``
     then anything :mod:`xfer.model_spec` builds, with ``head`` (random weights: the start
-    is imported after).
+    is imported after). ``recalibrate``: see :func:`stages_for`.
 
     Example:
         >>> pipe, train, val = transfer_pipeline("torch", bn="adapt")
@@ -280,10 +290,13 @@ def transfer_pipeline(
         net = data_model(backend, model, images, seed=seed, head=head)
         train, val = images.train, images.val
     options = dict(checkpoint_dir=checkpoint_dir, cache=cache, device=device)
-    return pipeline_for(net, preset, bn, seed, quick, progress, **options), train, val
+    pipe = pipeline_for(net, preset, bn, seed, quick, progress, recalibrate=recalibrate, **options)
+    return pipe, train, val
 
 
-def pipeline_for(net, preset, bn, seed, quick, progress, **options) -> TransferPipeline:
+def pipeline_for(
+    net, preset, bn, seed, quick, progress, *, recalibrate: str | None = None, **options
+) -> TransferPipeline:
     """The job's pipeline on ``net``: the preset's stages, the job's optimizer and batch
     size; shared by the digits job and the data job (xfer/data_job.py).
 
@@ -296,7 +309,7 @@ def pipeline_for(net, preset, bn, seed, quick, progress, **options) -> TransferP
     # before the bias correction), which fifty epochs turn into visibly different curves.
     return TransferPipeline(
         net,
-        stages_for(preset, net, bn, quick),
+        stages_for(preset, net, bn, quick, recalibrate),
         optimizer="momentum",
         batch_size=16,
         seed=seed,
@@ -528,4 +541,5 @@ def run(
     history = pipe.fit(train, val, resume=resume)
     path = {"shipped": str(shipped_path()), "file": os.fspath(weights_file or "")}.get(origin)
     preset, bn = bound.arguments["preset"], bound.arguments["bn"]
-    return RunResult(backend, preset, bn, origin, path, accuracy, history)
+    recalibrate = bound.arguments["recalibrate"]
+    return RunResult(backend, preset, bn, origin, path, accuracy, history, recalibrate)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from xfer import select as S
+from xfer._adapter import Unit
 from xfer.state import SelectionError, resolve
 
 
@@ -101,12 +102,29 @@ def recalibrate_bn(
     return count
 
 
+def statistics_keys(units: list[Unit]) -> list[str]:
+    """The ``Weights.tensors`` keys of the BN units' moving mean and variance (what
+    :func:`recalibrate_bn` re-estimates), in ``units``' order.
+
+    Example:
+        >>> import xfer
+        >>> from xfer._adapter import find_adapter
+        >>> model = xfer.models.small_cnn(4, 3, seed=0, backend="torch")
+        >>> statistics_keys([u for u in find_adapter(model).units(model) if u.is_bn])[:2]
+        ['base.block1.bn.running_mean', 'base.block1.bn.running_var']
+    """
+    return [_key(u, name) for u in units if u.is_bn for name in u.stats[:2]]
+
+
+def _key(unit: Unit, name: str) -> str:
+    return f"{unit.path}.{name}" if unit.path else name
+
+
 def _statistics(adapter, model, units) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     # Each unit's moving mean and variance (Unit.stats names them in that order), copied.
     native = dict(adapter.tensors(model))
-    key = lambda unit, name: f"{unit.path}.{name}" if unit.path else name  # noqa: E731
     return {
-        u.path: tuple(np.array(native[key(u, name)], dtype=np.float64) for name in u.stats[:2])
+        u.path: tuple(np.array(native[_key(u, name)], dtype=np.float64) for name in u.stats[:2])
         for u in units
     }
 

@@ -127,7 +127,10 @@ class _Stem(nnx.Module):
 
     def __call__(self, x):
         x = nnx.relu(self.bn(self.conv(x)))
-        return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        # The padding as its own op (-inf: what max pooling pads with), and keywords:
+        # jax2onnx (xfer.export_onnx) converts nnx.max_pool with keyword options and "VALID".
+        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+        return nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
 
 
 class _Downsample(nnx.Module):

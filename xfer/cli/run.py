@@ -51,6 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cache a frozen base's features when a stage allows it (default: auto)",
     )
     parser.add_argument(
+        "--recalibrate",
+        nargs="?",
+        const="after",
+        choices=("before", "after"),
+        help="re-estimate every BN's statistics on the training images (xfer.recalibrate_bn): "
+        "after the last stage trains (the default), or before the first one (AdaBN)",
+    )
+    parser.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
         default="auto",
@@ -119,6 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 cache=args.cache,
                 device=args.device,
                 weights_file=args.weights,
+                recalibrate=args.recalibrate,
             )
         except Interrupted as stop:
             print(f"\n{stop}", file=sys.stderr)  # it says what is saved and how to resume
@@ -151,6 +160,7 @@ def _run_on_data(args: argparse.Namespace, backend: str, data: dict) -> int:
                 resume=args.resume,
                 cache=args.cache,
                 device=args.device,
+                recalibrate=args.recalibrate,
             )
         except Interrupted as stop:
             print(f"\n{stop}", file=sys.stderr)
@@ -199,14 +209,23 @@ def data_run_text(report: dict) -> str:
     skipped = f", {data['skipped']} unreadable files skipped" if data["skipped"] else ""
     classes = ", ".join(f"{name} {c['train']}/{c['val']}" for name, c in counts.items())
     return (
-        f"xfer run: {report['backend']} {report['version']}, preset {report['preset']}, "
-        f"BN policy {report['bn'] or 'of the preset'}\n"
+        f"{_header(report)}\n"
         f"model: {report['model']}, {_WEIGHTS[report['weights']]}\n"
         f"data: {data['source']}, {len(counts)} classes, {train} training and {val} "
         f"validation images of {'x'.join(map(str, data['image_shape']))}, normalised: "
         f"{data['normalisation']}{skipped}\n"
         f"classes (train/val): {classes}\n\n"
         f"{History.from_dict(report['history'])}"
+    )
+
+
+def _header(report: dict) -> str:
+    recalibrated = (
+        ", BN statistics re-estimated after the last stage" if report.get("recalibrate") else ""
+    )
+    return (
+        f"xfer run: {report['backend']} {report['version']}, preset {report['preset']}, "
+        f"BN policy {report['bn'] or 'of the preset'}{recalibrated}"
     )
 
 
@@ -233,8 +252,7 @@ def run_text(report: dict) -> str:
 
     origin = _ORIGIN[report["source_weights"]]
     return (
-        f"xfer run: {report['backend']} {report['version']}, preset {report['preset']}, "
-        f"BN policy {report['bn'] or 'of the preset'}\n"
+        f"{_header(report)}\n"
         f"source model (digits 0-4, {origin}): validation accuracy {report['source_accuracy']:.3f}\n"
         "target: digits 5-9, ink inverted and contrast changed, 20 labelled images per class\n\n"
         f"{History.from_dict(report['history'])}"

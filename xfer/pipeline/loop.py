@@ -21,6 +21,7 @@ from xfer.pipeline.history import EpochRecord, History, StageRecord
 from xfer.pipeline.interrupt import StopRequest
 from xfer.pipeline.preflight import check_data, check_options, with_built_ins
 from xfer.pipeline.stage import Stage, apply_stage, check_stage
+from xfer.recalibration import recalibrate_bn, statistics_keys
 from xfer.state import changed_tensors, fingerprints, frozen_tensors
 
 
@@ -200,10 +201,14 @@ class TransferPipeline:
     ) -> StageRecord:
         adapter, model = self.adapter, self.model
         apply_stage(model, stage, adapter)
+        if stage.recalibrates == "before":  # so the stage then verifies the new statistics
+            recalibrate_bn(model, D.arrays(train)[0], batch_size=self.batch_size)
         units = adapter.units(model)
         groups = [(sorted(sel.paths(units)), lr) for sel, lr in stage.lr_groups]
         counts = [adapter.param_counts(u) for u in units]
         keys = frozen_tensors(model)
+        if stage.recalibrates == "after":  # the BN statistics it re-estimates change then
+            keys = [k for k in keys if k not in set(statistics_keys(units))]
         # Digests, not copies, of what must stay bit-identical: a copy of the frozen weights
         # held through the stage would cost memory the framework's own loop does not use.
         before = fingerprints(model, keys)
@@ -211,7 +216,8 @@ class TransferPipeline:
             stage.name, sum(t for t, _ in counts), sum(f for _, f in counts), len(keys), []
         )
         features, record.cache = C.prepare(
-            adapter, model, train, val, setting=self.cache, memory=self.cache_memory,
+            adapter, model, train, val, memory=self.cache_memory,
+            setting="off" if stage.recalibrates == "after" else self.cache,
             directory=self.cache_dir, batch_size=self.batch_size,
             progress=lambda text: self._emit("on_message", text), stage=stage.name,
         )  # fmt: skip
@@ -267,6 +273,8 @@ class TransferPipeline:
                 # callbacks undo the epoch's partial updates (NaNRollback).
                 self._emit("on_train_error", stage, index, epoch, error)
                 raise
+            if stage.recalibrates == "after" and epoch == stage.epochs:
+                recalibrate_bn(trained, D.arrays(train)[0], batch_size=self.batch_size)
             val_loss = val_accuracy = None
             if val is not None:
                 val_loss, val_accuracy = evaluate(

@@ -16,6 +16,9 @@ from xfer._checks import check_integer, check_positive
 from xfer.policy import BNPolicy
 from xfer.state import check_mode
 
+# Stage.recalibrate's values -> when (True is "after": the PreciseBN use).
+RECALIBRATE = {False: None, True: "after", "before": "before", "after": "after"}
+
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
@@ -31,6 +34,14 @@ class Stage:
         lr, epochs, optimizer: ``optimizer`` ``None`` takes the pipeline's.
         lr_groups: discriminative learning rates, ``((selector, lr), ...)``; a unit in
             several groups takes the first.
+        recalibrate: re-estimate every BN's moving statistics on the stage's training
+            images with :func:`xfer.recalibrate_bn` (population statistics; pins and
+            policies kept). ``"before"``: before the stage trains (AdaBN: a frozen BN then
+            normalises with the target's statistics, and the stage verifies that they stay
+            so). ``"after"`` (or ``True``): after the last epoch trains and before it is
+            evaluated (PreciseBN); those statistics are then not among the tensors the stage
+            verifies, and it trains without a feature cache (the frozen prefix's outputs
+            would change).
 
     Example:
         >>> import xfer
@@ -47,6 +58,7 @@ class Stage:
     epochs: int = 1
     optimizer: str | None = None
     lr_groups: tuple[tuple[S.Selector, float], ...] = ()
+    recalibrate: bool | str = False
 
     def __repr__(self) -> str:
         return f"Stage(name={self.name!r}, ...)"
@@ -69,6 +81,21 @@ class Stage:
             check_mode(self.mode)
         check_positive(self.lr, f"Stage {self.name!r}: lr")
         check_integer(self.epochs, f"Stage {self.name!r}: epochs", 1)
+        if self.recalibrate not in RECALIBRATE:
+            raise ValueError(
+                f"Stage {self.name!r}: recalibrate must be False, 'before', 'after' or True "
+                f"(= 'after'), got {self.recalibrate!r}."
+            )
+
+    @property
+    def recalibrates(self) -> str | None:
+        """When the stage re-estimates the BN statistics: ``"before"``, ``"after"`` or ``None``.
+
+        Example:
+            >>> Stage("head", recalibrate=True).recalibrates
+            'after'
+        """
+        return RECALIBRATE.get(self.recalibrate)
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ValueError(
                 f"Stage {self.name!r}: unknown optimizer {self.optimizer!r}; expected one of "
