@@ -1,6 +1,7 @@
 """One test session per framework, plus lint.
 
-    nox                      # lint, the four test sessions, parity, doctests, external models
+    nox                      # lint, the four test sessions, parity, doctests, export, external models
+    nox -s export            # ONNX export with the onnx extra (jax2onnx's pins kept apart)
     nox -s tests-flax        # one of them
     nox -s tests-external    # Hugging Face transformers and Lightning, on torch 2.13.0+cpu
     nox -s tests-torchvision # torchvision and timm, on their own torch (constraints-torchvision.txt)
@@ -40,6 +41,7 @@ nox.options.sessions = [
     "lint",
     *(f"tests-{f.label}" for f in REGISTRY),
     "parity",  # with the doctests
+    "export",
     "tests-external",
     "tests-torchvision",
 ]
@@ -49,6 +51,8 @@ EXTERNAL = "tests/external"
 # Needs every framework in one process (keras.applications -> torch -> flax -> keras) and
 # builds a ResNet-50 per framework: it runs once, in the parity session.
 CONVERT = "tests/test_convert.py"
+# Needs the onnx extra: its own session, `export`.
+EXPORT = "tests/test_export.py"
 
 
 def _make_tests(backend: str, extras: list[str], env: dict[str, str]):
@@ -60,6 +64,7 @@ def _make_tests(backend: str, extras: list[str], env: dict[str, str]):
             "pytest",
             f"--ignore={EXTERNAL}",
             f"--ignore={CONVERT}",
+            f"--ignore={EXPORT}",
             *session.posargs,
             env={
                 "XFER_TEST_BACKENDS": backend,
@@ -138,6 +143,22 @@ def parity(session: nox.Session) -> None:
         },
     )
     _doctests(session)  # on the same install: a session of their own would repeat it
+
+
+@nox.session
+def export(session: nox.Session) -> None:
+    """``xfer.export_onnx`` on every backend, checked with onnxruntime (tests/test_export.py),
+    and its docstring example. Its own session: the onnx extra's jax2onnx pins
+    ``orbax-checkpoint<0.11.37``, which must not constrain the others."""
+    session.install(*CONSTRAINTS, ".[all,onnx,dev]")
+    env = {
+        "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+        "KERAS_HOME": tempfile.mkdtemp(prefix="xfer-keras-"),
+    }
+    # Keras reads its engine once per process: jax with torch and flax, then torch alone.
+    for backends in ("torch,flax,keras-jax", "keras-torch"):
+        session.run("pytest", EXPORT, *session.posargs, env={**env, "XFER_TEST_BACKENDS": backends})
+    _doctests(session, "-k", "export")
 
 
 @nox.session

@@ -21,8 +21,9 @@ from xfer import _config
 HERE = {_config.flavour(label).backend for label in BACKENDS}
 NOT_HERE = tuple(f"xfer.backends.{b}" for b in _config.BACKENDS if b not in HERE)
 NOT_A_LIBRARY = ("xfer.__main__",)  # importing it runs the CLI
-# xfer.integrations modules import their library, which only tests-external installs.
-INTEGRATIONS = {"xfer.integrations.lightning": "lightning"}
+# Modules whose examples need a library of an extra that only their session installs:
+# xfer.integrations (tests-external), xfer.export (the onnx extra: nox -s export).
+INTEGRATIONS = {"xfer.integrations.lightning": "lightning", "xfer.export": "onnxruntime"}
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("XFER_DOCTESTS") != "1", reason="the examples run in `nox -s doctests`"
