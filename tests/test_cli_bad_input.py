@@ -145,3 +145,19 @@ def test_a_bad_option_is_one_line_before_anything_runs(tmp_path, args, message):
 def test_a_backend_whose_framework_is_missing_names_the_extra_to_install(tmp_path):
     out = _xfer(tmp_path, "run", "--quiet", "--backend", "flax")
     _assert_one_line(out, "run", 'pip install "xfer[flax]"')
+
+
+@pytest.mark.parametrize(
+    "export, message",
+    [
+        ("model.pt", "'model.pt' does not end in .onnx"),
+        ("missing/model.onnx", "the directory 'missing' of 'missing/model.onnx' does not exist"),
+    ],
+)
+def test_a_bad_export_path_is_refused_before_anything_trains(tmp_path, export, message):
+    for data in ([], ["--data", "digits"]):
+        if data:
+            assert _xfer(tmp_path, "digits", "digits").returncode == 0
+        out = _xfer(tmp_path, "run", "--backend", "torch", "--quick", *data, "--export", export)
+        _assert_one_line(out, "run", message)
+        assert "stage" not in out.stdout  # no table: nothing trained

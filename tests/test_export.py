@@ -76,3 +76,20 @@ def test_bad_requests_are_refused_naming_what_was_wrong(kit, tmp_path, path, sha
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         xfer.export_onnx(kit.model(), tmp_path / path, shape)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_xfer_run_export_writes_a_file_onnxruntime_runs(kit, tmp_path, monkeypatch, capsys):
+    import json
+
+    from xfer.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    backend = _backend(kit)
+    args = ["run", "--backend", backend, "--quick", "--export", "model.onnx", "--format", "json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["export"] == "model.onnx" and report["history"]["stages"]
+    session = onnxruntime.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
+    images = session.get_inputs()[0]
+    x = np.random.default_rng(0).random(images.shape, dtype=np.float32)
+    assert session.run(None, {images.name: x})[0].shape == (1, 5)  # digits 5-9

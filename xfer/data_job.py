@@ -13,7 +13,8 @@ import os
 from typing import Any
 
 from xfer.data import images as images_data
-from xfer.job import data_model, load_data, pipeline_for, transfer_pipeline
+from xfer.export import check_export_path
+from xfer.job import data_model, export_after, load_data, pipeline_for, transfer_pipeline
 from xfer.pipeline import History
 from xfer.weights import load_weights
 
@@ -41,6 +42,7 @@ class DataRunResult:
     data: dict  # xfer.data.images.ImageData.describe(): classes, counts, normalisation
     history: History
     recalibrate: str | None = None  # as xfer.job.RunResult.recalibrate
+    export: str | None = None  # the ONNX file written (xfer run --export)
 
 
 def run_on_data(
@@ -51,6 +53,7 @@ def run_on_data(
     head: bool | None = None,
     weights: str | os.PathLike | None = None,
     resume: bool = False,
+    export: str | os.PathLike | None = None,
     **options: Any,
 ) -> DataRunResult:
     """The main job on the user's images and model: load and split ``data`` (see
@@ -64,6 +67,7 @@ def run_on_data(
         weights: ``"imagenet"`` (a ``keras:`` model), or a file of neutral weights of the
             whole model (``xfer.save_weights``); ``None``: seeded random weights.
         resume: continue the run saved in ``checkpoint_dir``.
+        export: an ``.onnx`` file to write the trained model to (:func:`export_after`).
         **options: ``preset``, ``bn``, ``seed``, ``progress``, ``quick``,
             ``checkpoint_dir``, ``cache``, ``device``, ``recalibrate``, as for
             :func:`transfer_pipeline`.
@@ -96,6 +100,8 @@ def run_on_data(
         recalibrate=arguments["recalibrate"],
     )
     pipe.check(images.train, images.val, resume=resume)
+    if export is not None:
+        check_export_path(export, backend)
     history = pipe.fit(images.train, images.val, resume=resume)
     origin = "random" if weights is None else (download or "file")
     path = os.fspath(weights) if origin == "file" else None
@@ -109,4 +115,5 @@ def run_on_data(
         images.describe(),
         history,
         arguments["recalibrate"],
+        export_after(net, history, export, images.train[0].shape[1:]),
     )

@@ -26,6 +26,7 @@ from xfer import select as S
 from xfer._adapter import load_adapter
 from xfer.data import digits
 from xfer.data import images as images_data
+from xfer.export import check_export_path, export_onnx
 from xfer.pipeline import History, Stage, TransferPipeline, evaluate, presets
 from xfer.weights import export_weights, import_weights, load_weights
 
@@ -229,6 +230,7 @@ class RunResult:
     source_accuracy: float  # the pretrained model on its own (source) validation data
     history: History
     recalibrate: str | None = None  # "after" the last stage or "before" the first: see stages_for
+    export: str | None = None  # the ONNX file written (xfer run --export)
 
 
 def start_weights(
@@ -494,6 +496,7 @@ def run(
     *,
     resume: bool = False,
     weights_file: str | os.PathLike | None = None,
+    export: str | os.PathLike | None = None,
     **options: Any,
 ) -> RunResult:
     """Load the source model (shipped, ``weights_file``, or pretrained now for another
@@ -503,6 +506,7 @@ def run(
         backend: the framework to run on.
         resume: continue the run saved in ``checkpoint_dir``.
         weights_file: neutral weights of the source model to start from.
+        export: an ``.onnx`` file to write the transferred model to (:func:`export_after`).
         **options: those of :func:`transfer_pipeline` (``preset``, ``bn``, ``seed``,
             ``progress``, ``quick``, ``checkpoint_dir``, ``cache``, ``device``), with its
             defaults.
@@ -531,6 +535,8 @@ def run(
     # Everything the transfer needs (device, checkpoint, stages) is checked before the
     # source model is loaded or pretrained.
     pipe.check(train, val, resume=resume)
+    if export is not None:
+        check_export_path(export, backend)
     weights, origin = pretrained(
         backend, seed, bound.arguments["progress"], quick, weights=weights_file
     )
@@ -542,4 +548,20 @@ def run(
     path = {"shipped": str(shipped_path()), "file": os.fspath(weights_file or "")}.get(origin)
     preset, bn = bound.arguments["preset"], bound.arguments["bn"]
     recalibrate = bound.arguments["recalibrate"]
-    return RunResult(backend, preset, bn, origin, path, accuracy, history, recalibrate)
+    exported = export_after(pipe.model, history, export, train[0].shape[1:])
+    result = RunResult(backend, preset, bn, origin, path, accuracy, history, recalibrate)
+    return dataclasses.replace(result, export=exported)
+
+
+def export_after(model: Any, history: History, path: Any, image_shape: tuple) -> str | None:
+    """Write the transferred ``model`` to the ONNX file ``path`` (``xfer.export_onnx``:
+    BN folded, checked by onnxruntime) when the run kept its promises (``history.ok``);
+    the path written, or ``None`` (no ``path``, or a run that failed: nothing to deploy).
+
+    Example:
+        >>> export_after(model, history, "model.onnx", (8, 8, 1))   # doctest: +SKIP
+        'model.onnx'
+    """
+    if path is None or not history.ok:
+        return None
+    return os.fspath(export_onnx(model, path, tuple(image_shape)))

@@ -51,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cache a frozen base's features when a stage allows it (default: auto)",
     )
     parser.add_argument(
+        "--export",
+        metavar="PATH.onnx",
+        help="write the transferred model to this ONNX file (BN folded, checked by "
+        "onnxruntime; needs xfer[onnx]); checked before training",
+    )
+    parser.add_argument(
         "--recalibrate",
         nargs="?",
         const="after",
@@ -128,6 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 device=args.device,
                 weights_file=args.weights,
                 recalibrate=args.recalibrate,
+                export=args.export,
             )
         except Interrupted as stop:
             print(f"\n{stop}", file=sys.stderr)  # it says what is saved and how to resume
@@ -161,6 +168,7 @@ def _run_on_data(args: argparse.Namespace, backend: str, data: dict) -> int:
                 cache=args.cache,
                 device=args.device,
                 recalibrate=args.recalibrate,
+                export=args.export,
             )
         except Interrupted as stop:
             print(f"\n{stop}", file=sys.stderr)
@@ -215,8 +223,13 @@ def data_run_text(report: dict) -> str:
         f"validation images of {'x'.join(map(str, data['image_shape']))}, normalised: "
         f"{data['normalisation']}{skipped}\n"
         f"classes (train/val): {classes}\n\n"
-        f"{History.from_dict(report['history'])}"
+        f"{History.from_dict(report['history'])}{_exported(report)}"
     )
+
+
+def _exported(report: dict) -> str:
+    path = report.get("export")
+    return f"\n\nexported: {path} (ONNX, BN folded, checked by onnxruntime)" if path else ""
 
 
 def _header(report: dict) -> str:
@@ -255,5 +268,5 @@ def run_text(report: dict) -> str:
         f"{_header(report)}\n"
         f"source model (digits 0-4, {origin}): validation accuracy {report['source_accuracy']:.3f}\n"
         "target: digits 5-9, ink inverted and contrast changed, 20 labelled images per class\n\n"
-        f"{History.from_dict(report['history'])}"
+        f"{History.from_dict(report['history'])}{_exported(report)}"
     )
