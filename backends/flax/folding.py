@@ -20,8 +20,9 @@ copy is no longer it) in ``eval()``. Each folded layer gets the kernel and bias 
 :func:`xfer.folding.folded_kernel_and_bias` (a bias variable, of the kernel's trainability,
 and ``use_bias=True`` where it had none: ``nnx.Conv`` reads ``use_bias``, ``nnx.Linear``
 asserts it matches ``bias``), and every reference to the BN becomes a
-:class:`FoldedBatchNorm`, an identity. Last, the copy and the model (a clone, in ``eval()``)
-run on the probe batch, and a difference beyond float32 rounding is a ``ValueError``.
+:class:`FoldedBatchNorm`, an identity. Last, the copy and the model (a merged copy, in ``eval()``,
+under ``jax.jit``) run on the probe batch, and a difference beyond float32 rounding is a
+``ValueError``.
 
 The trace needs an input shape, which an ``nnx.Module`` does not record: it is the one
 xfer recorded when it built the model (``xfer.models``), else that of the model's first
@@ -331,10 +332,7 @@ def _substituted(value: Any, replacements: dict[int, nnx.Module]) -> Any:
 
 
 def _check(model: nnx.Module, folded: nnx.Module, x: np.ndarray) -> None:
-    reference = nnx.clone(model)
-    reference.eval()
-    expected = jax.tree.leaves(reference(x))
-    got = jax.tree.leaves(nnx.clone(folded)(x))  # a clone: the copy's RNG streams stay
+    expected, got = jax.tree.leaves(_outputs(model, x)), jax.tree.leaves(_outputs(folded, x))
     for want, have in zip(expected, got, strict=True):
         want, have = np.asarray(want, np.float64), np.asarray(have, np.float64)
         scale = max(1.0, float(np.max(np.abs(want), initial=0.0)))
@@ -347,3 +345,17 @@ def _check(model: nnx.Module, folded: nnx.Module, x: np.ndarray) -> None:
                 "its BatchNorm in a way the trace did not show. Nothing was folded; fold "
                 "fewer BatchNorms with where=, and please report the model."
             )
+
+
+def _outputs(model: nnx.Module, x: np.ndarray) -> Any:
+    """``model``'s outputs in eval() on ``x``, from a merged copy under ``jax.jit`` (one
+    compilation, not one per operation): the model's modes, statistics and RNG streams
+    stay as they are."""
+    graphdef, state = nnx.split(model)
+
+    def forward(state, x):
+        module = nnx.merge(graphdef, state)
+        module.eval()
+        return module(x)
+
+    return jax.jit(forward)(state, x)
