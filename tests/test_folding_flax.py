@@ -304,5 +304,43 @@ class EmbeddingFirst(nnx.Module):
 
 
 def test_a_model_whose_input_shape_cannot_be_found_is_refused_by_name():
-    with pytest.raises(ValueError, match=r"EmbeddingFirst.*probe batch of shape \(4, 4\)"):
+    with pytest.raises(ValueError, match=r"EmbeddingFirst.*probe batch of shape \(4, 4\) alone"):
         xfer.fold_bn(EmbeddingFirst(nnx.Rngs(0)))
+
+
+class CalledTwice(nnx.Module):
+    """One conv called twice: folding either BN into it would change the other call."""
+
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+        self.bn1 = nnx.BatchNorm(3, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.bn2(self.conv(self.bn1(self.conv(x))))
+
+
+def test_a_layer_called_twice_keeps_its_bns():
+    model = _perturbed(CalledTwice(nnx.Rngs(0)))
+    with pytest.warns(UserWarning, match="bn1, bn2"):
+        folded, _ = _fold_and_check(model, _images())
+    assert _batchnorms(folded) == ["bn1", "bn2"]
+
+
+class HeldTwiceAndJitted(nnx.Module):
+    """A BN held at two paths (called through the second), inside an nnx.jit of its own."""
+
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 3, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(3, rngs=rngs)
+        self.alias = nnx.data([self.bn])
+
+    def __call__(self, x):
+        return nnx.jit(lambda m, x: m.alias[0](m.conv(x)))(self, x)
+
+
+def test_a_bn_held_twice_is_replaced_everywhere_even_under_an_inner_jit():
+    model = _perturbed(HeldTwiceAndJitted(nnx.Rngs(0)))
+    folded, _ = _fold_and_check(model, _images())
+    assert isinstance(folded.bn, FoldedBatchNorm) and folded.alias[0] is folded.bn
+    assert model.alias[0] is model.bn and isinstance(model.bn, nnx.BatchNorm)

@@ -13,6 +13,8 @@ output and nothing else reads that value, each is called once, the BN uses its m
 statistics there (``use_running_average``, the last axis its feature axis), and the layer
 is a plain Conv or Linear (a subclass that overrides ``__call__``, e.g. a
 weight-standardised conv, is left alone) whose kernel and bias no other module shares.
+(An eager probe matching array objects would show that a BN's input is a layer's output,
+not that nothing else reads it: the jaxpr counts the readers.)
 
 The copy is ``nnx.clone(model)`` (pins, ``Frozen`` variables, sharing and the recorded
 definition order come along; the record of the xfer architecture does not, as the folded
@@ -20,14 +22,15 @@ copy is no longer it) in ``eval()``. Each folded layer gets the kernel and bias 
 :func:`xfer.folding.folded_kernel_and_bias` (a bias variable, of the kernel's trainability,
 and ``use_bias=True`` where it had none: ``nnx.Conv`` reads ``use_bias``, ``nnx.Linear``
 asserts it matches ``bias``), and every reference to the BN becomes a
-:class:`FoldedBatchNorm`, an identity. Last, the copy and the model (a merged copy, in ``eval()``,
-under ``jax.jit``) run on the probe batch, and a difference beyond float32 rounding is a
-``ValueError``.
+:class:`FoldedBatchNorm`, an identity. Last, the copy and the model (a merged copy, in
+``eval()``, under ``jax.jit``) run on the probe batch, and a difference beyond float32
+rounding is a ``ValueError``.
 
 The trace needs an input shape, which an ``nnx.Module`` does not record: it is the one
 xfer recorded when it built the model (``xfer.models``), else that of the model's first
-conv or dense layer in definition order (32 per spatial axis for a conv). A model that
-fails on it is a ``ValueError`` that says so.
+conv or dense layer in definition order (32 per spatial axis for a conv). The model is
+called with that batch alone; one that fails on it (or needs more arguments) is a
+``ValueError`` that says so.
 """
 
 from __future__ import annotations
@@ -79,8 +82,8 @@ def fold_bn(model: nnx.Module, units: list[Unit]) -> tuple[nnx.Module, list[tupl
         pairs = _pairs(model, {unit.path for unit in units}, x)
     except Exception as error:  # whatever the model's own code raises on the probe
         raise ValueError(
-            f"fold_bn: xfer traces this {type(model).__name__} once, on a probe batch of shape "
-            f"{x.shape} ({origin}), to find the layer that feeds each BatchNorm (an NNX "
+            f"fold_bn: xfer traces this {type(model).__name__} once in eval(), called with a "
+            f"probe batch of shape {x.shape} alone ({origin}), to find the layer that feeds each BatchNorm (an NNX "
             f"module has no graph), and it failed: {type(error).__name__}: {error}. Fold a "
             "module whose first conv or dense layer (in definition order) takes its input, "
             "e.g. xfer.fold_bn(model.base)."
