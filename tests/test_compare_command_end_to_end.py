@@ -62,7 +62,8 @@ def _compare(
     return done.returncode, json.loads(done.stdout), done.stderr
 
 
-@pytest.mark.parametrize("model", ["small_cnn", "resnet18"])
+# small_cnn: test_the_whole_main_job_agrees_across_the_four_backends runs it for 40 epochs.
+@pytest.mark.parametrize("model", ["resnet18"])
 def test_compare_agrees_across_the_four_backends(tmp_path, model):
     status, result, stderr = _compare(tmp_path, "--model", model)
     print(f"\n{model}: {result['verdict']}, largest {result['largest']}")
