@@ -77,6 +77,8 @@ def imagenet_preprocessing(name: str):
 class _Block(keras.layers.Layer):
     """conv -> BN -> ReLU for ``small_cnn``."""
 
+    FOLDS = (("conv", "bn"),)  # see _Parts.FOLDS
+
     def __init__(self, filters: int, conv=None, bn=None, **kwargs):
         super().__init__(**kwargs)
         self.filters = filters
@@ -163,6 +165,9 @@ class _Parts(keras.layers.Layer):
     ``trainable`` flags survive ``.keras``. ``_parts()`` makes fresh ones: name -> layer."""
 
     PARTS: tuple[str, ...] = ()
+    # The (conv, bn) parts whose call is bn(conv(x)) with conv's output read nowhere else:
+    # what xfer.fold_bn folds (backends/keras/folding.py), Keras cannot see inside a call.
+    FOLDS: tuple[tuple[str, str], ...] = ()
 
     def __init__(
         self,
@@ -173,6 +178,8 @@ class _Parts(keras.layers.Layer):
         **kwargs,
     ):
         configs = {name: kwargs.pop(name, None) for name in self.PARTS}
+        if isinstance(downsample, dict):  # get_config's "downsample" holds the part's config
+            configs["downsample"], downsample = downsample, True
         super().__init__(**kwargs)
         self.filters, self.stride, self.has_downsample = filters, stride, downsample
         self.style = style  # a key of RESNET_STYLES: files saved before it are "classic"
@@ -211,6 +218,7 @@ def _rbn(style: str):
 @keras.saving.register_keras_serializable(package="xfer")
 class _ResNetStem(_Parts):
     PARTS = ("conv", "bn")
+    FOLDS = (("conv", "bn"),)
 
     def _parts(self):
         return {"conv": _rconv(self.style, self.filters, 7, 2), "bn": _rbn(self.style)}
@@ -227,6 +235,7 @@ class _ResNetStem(_Parts):
 @keras.saving.register_keras_serializable(package="xfer")
 class _ResNetDownsample(_Parts):
     PARTS = ("conv", "bn")
+    FOLDS = (("conv", "bn"),)
 
     def _parts(self):
         return {"conv": _rconv(self.style, self.filters, 1, self.stride), "bn": _rbn(self.style)}
@@ -241,6 +250,7 @@ class _ResNetDownsample(_Parts):
 @keras.saving.register_keras_serializable(package="xfer")
 class _ResNetBasicBlock(_Parts):
     PARTS = ("conv1", "bn1", "conv2", "bn2", "downsample")
+    FOLDS = (("conv1", "bn1"), ("conv2", "bn2"))
 
     def _parts(self):
         f, s, style = self.filters, self.stride, self.style
@@ -269,6 +279,7 @@ class _ResNetBasicBlock(_Parts):
 @keras.saving.register_keras_serializable(package="xfer")
 class _ResNetBottleneck(_Parts):
     PARTS = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample")
+    FOLDS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
     def _parts(self):
         f, s, style = self.filters, self.stride, self.style

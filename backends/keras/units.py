@@ -51,7 +51,7 @@ _PIN = "_xfer_mode"  # xfer's own instance attribute, beside Keras's tracking
 
 
 # --- Keras private API ---------------------------------------------------------------------
-# Keras 3 has no public way to do the four things below; each is one small function, so
+# Keras 3 has no public way to do the five things below; each is one small function, so
 # that a Keras release that changes them breaks in one place, and tests/test_keras.py
 # (test_private_keras_*) says which. Checked against keras/src 3.8.0 and 3.15.1: the range
 # of xfer.backends.keras.KERAS_TESTED, outside which importing the backend warns.
@@ -97,6 +97,29 @@ def producer(tensor) -> tuple:
     """
     operation, node_index, _ = tensor._keras_history
     return operation, operation._inbound_nodes[node_index].input_tensors
+
+
+def graph_calls(function) -> list[tuple]:
+    """Every call of a functional model's graph, each once: (operation, input tensors,
+    output tensors), found from its outputs back to its inputs.
+
+    Private: as :func:`producer`; a layer called twice in the graph has two calls here
+    (the public ``Functional.operations`` lists it once).
+    """
+    calls, seen = [], set()
+    stack = list(function.outputs)
+    inputs = {id(t) for t in function.inputs}
+    while stack:
+        tensor = stack.pop()
+        if id(tensor) in inputs:
+            continue
+        operation, node_index, _ = tensor._keras_history
+        node = operation._inbound_nodes[node_index]
+        if id(node) not in seen:
+            seen.add(id(node))
+            calls.append((operation, list(node.input_tensors), list(node.output_tensors)))
+            stack.extend(node.input_tensors)
+    return calls
 
 
 # --- Unit helpers ----------------------------------------------------------------------------
