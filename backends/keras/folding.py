@@ -34,6 +34,27 @@ from xfer.backends.keras import units as ku
 from xfer.folding import folded_kernel_and_bias
 
 L = keras.layers
+
+
+@keras.saving.register_keras_serializable(package="xfer")
+class FoldedBatchNormalization(L.Layer):
+    """Where a folded BatchNormalization was: its input, unchanged (the BN's transform is now
+    in the layer before it). It takes BN's call arguments, which a functional graph's node
+    passes on (``training``, ``mask``), and ignores them.
+
+    Example:
+        >>> import numpy as np
+        >>> FoldedBatchNormalization(name="bn")(np.ones((1, 2)), training=False, mask=None).shape
+        (1, 2)
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
 _CONVS = (L.Conv1D, L.Conv2D, L.Conv3D)  # kernel (*window, in / groups, out)
 _TRANSPOSED = (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)  # (*window, out, in)
 _DEPTHWISE = (L.DepthwiseConv1D, L.DepthwiseConv2D)  # (*window, in, multiplier)
@@ -160,7 +181,7 @@ def _clone(model, folded: dict, removed: set):
 
     def clone_layer(layer):
         if id(layer) in removed:
-            return L.Identity(name=layer.name)
+            return FoldedBatchNormalization(name=layer.name)
         config = keras.saving.serialize_keras_object(layer)
         _edit(config, layer, folded, removed)
         return keras.saving.deserialize_keras_object(config, custom_objects=custom)
@@ -190,7 +211,9 @@ def _edit(config: dict, layer, folded: dict, removed: set) -> None:
         if not isinstance(part, L.Layer) or part is layer:
             continue
         if id(part) in removed:
-            inner[key] = keras.saving.serialize_keras_object(L.Identity(name=part.name))
+            inner[key] = keras.saving.serialize_keras_object(
+                FoldedBatchNormalization(name=part.name)
+            )
         else:
             _edit(value, part, folded, removed)
 
