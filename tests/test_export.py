@@ -38,6 +38,13 @@ def test_the_onnx_file_gives_the_models_inference_outputs_with_bn_folded(kit, na
     build, size = MODELS[name]
     model = _with_moved_statistics(build(_backend(kit)))
     before = xfer.snapshot(model)
+    if kit.id == "keras-jax" and name == "resnet18":
+        # docs/deploy.md: jax2onnx lowers Keras's max pooling on jax to a MaxPool that
+        # onnxruntime refuses. One line, no file; this fails once jax2onnx fixes it.
+        with pytest.raises(ValueError, match="onnxruntime cannot run .*Unsupported pooling size"):
+            xfer.export_onnx(model, tmp_path / "model.onnx", (size, size, 3))
+        assert list(tmp_path.iterdir()) == []
+        return
     path = xfer.export_onnx(model, tmp_path / "model.onnx", (size, size, 3), batch_size=2)
     assert path == tmp_path / "model.onnx" and sorted(p.name for p in tmp_path.iterdir()) == [
         "model.onnx"
