@@ -81,21 +81,11 @@ class Stage:
             check_mode(self.mode)
         check_positive(self.lr, f"Stage {self.name!r}: lr")
         check_integer(self.epochs, f"Stage {self.name!r}: epochs", 1)
-        if self.recalibrate not in RECALIBRATE:
+        if not isinstance(self.recalibrate, (bool, str)) or self.recalibrate not in RECALIBRATE:
             raise ValueError(
                 f"Stage {self.name!r}: recalibrate must be False, 'before', 'after' or True "
                 f"(= 'after'), got {self.recalibrate!r}."
             )
-
-    @property
-    def recalibrates(self) -> str | None:
-        """When the stage re-estimates the BN statistics: ``"before"``, ``"after"`` or ``None``.
-
-        Example:
-            >>> Stage("head", recalibrate=True).recalibrates
-            'after'
-        """
-        return RECALIBRATE.get(self.recalibrate)
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ValueError(
                 f"Stage {self.name!r}: unknown optimizer {self.optimizer!r}; expected one of "
@@ -113,6 +103,16 @@ class Stage:
                 )
             S.check_selector(group[0])
             check_positive(group[1], f"Stage {self.name!r}: the lr of lr_groups entry {group[0]!r}")
+
+    @property
+    def recalibrates(self) -> str | None:
+        """When the stage re-estimates the BN statistics: ``"before"``, ``"after"`` or ``None``.
+
+        Example:
+            >>> Stage("head", recalibrate=True).recalibrates
+            'after'
+        """
+        return RECALIBRATE.get(self.recalibrate)
 
 
 def apply_stage(model: Any, stage: Stage, adapter: Adapter | None = None) -> list[Unit]:
