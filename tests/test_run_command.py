@@ -121,6 +121,8 @@ def test_xfer_run_recalibrate_says_when_and_checkpoints_it(kit, tmp_path, capsys
     assert text.splitlines()[0].endswith(", BN statistics re-estimated after the last stage")
     manifest = json.loads((tmp_path / "ckpt" / "checkpoint.json").read_text())
     assert [s.get("recalibrate") for s in manifest["stages"]] == [None, "after"]
+    assert main(["run", "--backend", backend, "--quick", "--recalibrate", "before"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("re-estimated before the first stage")
     # Resuming with another --recalibrate is a different run: refused, by name.
     assert main([*args[:-3], "--recalibrate", "before", "--checkpoint", ckpt, "--resume"]) == 1
     assert "recalibrate" in capsys.readouterr().err

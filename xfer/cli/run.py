@@ -233,9 +233,9 @@ def _exported(report: dict) -> str:
 
 
 def _header(report: dict) -> str:
-    recalibrated = (
-        ", BN statistics re-estimated after the last stage" if report.get("recalibrate") else ""
-    )
+    when = {"after": "after the last stage", "before": "before the first stage"}
+    recalibrate = report.get("recalibrate")
+    recalibrated = f", BN statistics re-estimated {when[recalibrate]}" if recalibrate else ""
     return (
         f"xfer run: {report['backend']} {report['version']}, preset {report['preset']}, "
         f"BN policy {report['bn'] or 'of the preset'}{recalibrated}"
