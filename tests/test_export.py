@@ -100,3 +100,25 @@ def test_xfer_run_export_writes_a_file_onnxruntime_runs(kit, tmp_path, monkeypat
     images = session.get_inputs()[0]
     x = np.random.default_rng(0).random(images.shape, dtype=np.float32)
     assert session.run(None, {images.name: x})[0].shape == (1, 5)  # digits 5-9
+
+
+@pytest.mark.backends("torch")
+def test_a_layer_the_exporter_cannot_convert_is_one_clear_error_and_no_file(kit, tmp_path):
+    import torch
+    from torch import nn
+
+    class Eigen(nn.Module):  # eigvals has no ONNX operator
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x).flatten(1)[:, :4]
+            return torch.linalg.eigvals(y[:, :, None] * y[:, None, :]).real
+
+    with pytest.raises(
+        ValueError, match=r"torch ONNX exporter could not export this Eigen: \w+"
+    ) as caught:
+        xfer.export_onnx(Eigen().eval(), tmp_path / "model.onnx", (8, 8, 3), batch_size=2)
+    assert "\x1b[" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []

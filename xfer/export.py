@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -162,5 +163,5 @@ def _from_layout(y: np.ndarray, layout: str) -> np.ndarray:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # torch.onnx colours its text
     return text.splitlines()[0] if text else "(no message)"
