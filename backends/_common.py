@@ -16,6 +16,7 @@ from typing import Any
 
 from xfer._adapter import (
     Adapter,
+    Distributed,
     Engine,
     Export,
     Folding,
@@ -34,6 +35,7 @@ CONTRACTS = {
     "recalibration": Recalibration,
     "folding": Folding,
     "export": Export,
+    "distributed": Distributed,
 }
 
 
@@ -52,7 +54,7 @@ def contract_members(protocol: type) -> list[str]:
 
 def assemble(name: str, **modules: types.ModuleType) -> Adapter:
     """The adapter object of backend ``name``, from its modules ``units``, ``weights``,
-    ``engine``, ``models``, ``recalibration``, ``folding`` and ``export``: each defines, as module-level functions (and data), the
+    ``engine``, ``models``, ``recalibration``, ``folding``, ``export`` and ``distributed``: each defines, as module-level functions (and data), the
     members of its Protocol under the same names. A missing member is an ``AttributeError``
     at import, not a failure deep in a training run.
 

@@ -23,6 +23,7 @@ FILES = {
     "folding.py",
     "export.py",
     "semantics.py",
+    "distributed.py",
 }
 
 

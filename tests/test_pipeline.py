@@ -12,6 +12,8 @@ import pytest
 import xfer
 from kits import NUM_CLASSES, data
 from xfer import select as S
+from xfer._adapter import find_adapter
+from xfer.recalibration import statistics_keys
 
 
 def _stages(**finetune):
@@ -41,6 +43,23 @@ def test_each_stage_sets_the_state_trains_and_verifies_what_it_froze(kit):
     s = xfer.summary(model, print_fn=None)
     assert s.row("base.block1.bn").bn == "affine" and s.row("base.drop").mode == "inherit"
     assert "finetune" in str(history) and "4/4 bit-identical" in str(history)
+
+
+def test_a_stage_that_trains_nothing_adapts_the_bn_statistics_alone(kit):
+    """An "adapt" stage (AdaBN by training-mode forward passes): no parameter to train
+    (torch.optim refuses an empty list; xfer's step then runs the forward alone), the
+    statistics move and every parameter is bit-identical."""
+    model = kit.model(dropout=0.0)
+    before = xfer.snapshot(model)
+    stages = [xfer.Stage("adapt", train=S.bn(), bn="adapt", epochs=2)]
+    history = xfer.TransferPipeline(model, stages, batch_size=8).fit(data(32))
+    assert history.ok and history.stages[0].n_trainable == 0
+    after = xfer.snapshot(model)
+    statistics = set(statistics_keys(find_adapter(model).units(model)))
+    assert len(statistics) == 4
+    assert all(not np.array_equal(after[k], before[k]) for k in statistics)
+    counters = {k for k in after if k.endswith("num_batches_tracked")}  # torch counts batches
+    assert all(np.array_equal(after[k], before[k]) for k in after.keys() - statistics - counters)
 
 
 def test_a_list_of_batches_is_used_in_its_own_order(kit):

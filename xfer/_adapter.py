@@ -377,9 +377,39 @@ class Export(Protocol):
 
 
 @runtime_checkable
-class Adapter(Units, Weights, Engine, Models, Recalibration, Folding, Export, Protocol):
+class Distributed(Protocol):
+    """Data-parallel training over processes started by a launcher (``xfer.distributed``)."""
+
+    def join_world(self, world: Any, device: str) -> str:
+        """Join the process group of ``world`` (an ``xfer.distributed.World``) once per
+        process and return the device this rank trains on (``"cpu"``, ``"cuda"``; with
+        CUDA, ``"cuda"`` is then the rank's own GPU, ``LOCAL_RANK``). A ``ValueError``
+        saying what to use instead where the backend cannot train across processes."""
+
+    def distributed_trainer(
+        self, model: Any, options: StepOptions, world: Any, *, sync_bn: bool
+    ) -> Callable[[Any, Any], float]:
+        """A training step like ``Engine.trainer``'s for the model's state *now*, taking
+        the *global* batch: this rank trains on ``world.shard(len(y))`` of it, gradients are
+        averaged so that the update is the single-process update of the whole batch, and it
+        returns the whole batch's mean loss. A BN whose statistics update normalises with
+        the global batch's statistics when ``sync_bn`` (always, in a step with nothing to
+        train), so every rank holds the same statistics. Build it after the stage's state
+        is applied: what trains is fixed when it is built."""
+
+    def broadcast_model(self, model: Any, world: Any) -> None:
+        """Every tensor of the model (parameters and statistics) set to rank 0's, in place."""
+
+    def gather(self, value: Any, world: Any) -> list[Any]:
+        """``value`` (picklable) from every rank, in rank order, on every rank."""
+
+
+@runtime_checkable
+class Adapter(
+    Units, Weights, Engine, Models, Recalibration, Folding, Export, Distributed, Protocol
+):
     """What each backend package (``backends/torch/``, ``keras/``, ``flax/``) provides, as
-    one object in its ``__init__.py``: the seven small contracts and the backend's name."""
+    one object in its ``__init__.py``: the eight small contracts and the backend's name."""
 
     name: str
 

@@ -46,7 +46,16 @@ Example:
 from __future__ import annotations
 
 from xfer.backends._common import assemble
-from xfer.backends.flax import engine, export, folding, models, recalibration, units, weights
+from xfer.backends.flax import (
+    distributed,
+    engine,
+    export,
+    folding,
+    models,
+    recalibration,
+    units,
+    weights,
+)
 from xfer.backends.flax.models import (
     GlobalAvgPool,
     ResNet,
@@ -75,4 +84,5 @@ ADAPTER = assemble(
     recalibration=recalibration,
     folding=folding,
     export=export,
+    distributed=distributed,
 )

@@ -68,7 +68,17 @@ def untested_keras(version: str) -> str | None:
 if (_untested := untested_keras(keras.__version__)) is not None:
     warnings.warn(_untested, stacklevel=2)
 
-from xfer.backends.keras import engine, export, folding, models, recalibration, units, weights  # noqa: E402 - warn first: a new Keras may break an import below
+# Warn first: a new Keras may break an import below.
+from xfer.backends.keras import (  # noqa: E402
+    distributed,
+    engine,
+    export,
+    folding,
+    models,
+    recalibration,
+    units,
+    weights,
+)
 
 ADAPTER = assemble(
     "keras",
@@ -79,6 +89,7 @@ ADAPTER = assemble(
     recalibration=recalibration,
     folding=folding,
     export=export,
+    distributed=distributed,
 )
 
 __all__ = ["ADAPTER", "KERAS_TESTED", "untested_keras"]

@@ -24,7 +24,16 @@ Example:
 """
 
 from xfer.backends._common import assemble
-from xfer.backends.torch import engine, export, folding, models, recalibration, units, weights
+from xfer.backends.torch import (
+    distributed,
+    engine,
+    export,
+    folding,
+    models,
+    recalibration,
+    units,
+    weights,
+)
 from xfer.backends.torch.models import GlobalAvgPool, ResNet, SmallCNN, TransferHead, TransferModel
 
 __all__ = ["ADAPTER", "GlobalAvgPool", "ResNet", "SmallCNN", "TransferHead", "TransferModel"]
@@ -38,4 +47,5 @@ ADAPTER = assemble(
     recalibration=recalibration,
     folding=folding,
     export=export,
+    distributed=distributed,
 )

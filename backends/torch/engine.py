@@ -112,14 +112,24 @@ def fit(model, x, y, *, epochs, batch_size, lr, weight_decay) -> list[float]:
 
 
 def trainer(model: nn.Module, options: StepOptions) -> Callable[[object, object], float]:
-    opt = OPTIMIZERS[options.optimizer](
-        param_groups(model, options), options.lr, options.weight_decay
-    )
+    groups = param_groups(model, options)
     device = device_of(model)
-    forward = torch.compile(model) if options.compile_step else model  # shares the parameters
     # Mixed precision the PyTorch way: autocast the forward pass, parameters in float32.
     bfloat16 = options.precision == "bfloat16"
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=bfloat16)
+    if not groups:
+        # Nothing trains (a stage that only adapts BN statistics): torch.optim refuses an
+        # empty parameter list, and the training-mode forward alone updates the statistics.
+        def forward_only(x, y) -> float:
+            model.train()
+            if not isinstance(x, torch.Tensor):
+                x, y = to_device(model, x, y)
+            with torch.no_grad(), autocast:
+                return nn.functional.cross_entropy(model(x), y).item()
+
+        return forward_only
+    opt = OPTIMIZERS[options.optimizer](groups, options.lr, options.weight_decay)
+    forward = torch.compile(model) if options.compile_step else model  # shares the parameters
 
     def step(x, y) -> float:
         model.train()

@@ -15,6 +15,7 @@ The command modules import xfer's library and the frameworks only when they run,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -92,12 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.ExitStack() as quiet:
             if not os.environ.get("XFER_DEBUG"):
                 # A warning is a note to the user, not a source line of xfer's.
                 warnings.showwarning = lambda message, *_, **__: print(
                     f"xfer {args.command}: note: {one_line(message)}", file=sys.stderr
                 )
+            if not _reports():  # under torchrun, rank 0 speaks for every rank
+                warnings.simplefilter("ignore")
+                quiet.enter_context(contextlib.redirect_stdout(open(os.devnull, "w")))  # noqa: SIM115
             return args.run(args)
     except KeyboardInterrupt:
         if os.environ.get("XFER_DEBUG"):
@@ -113,6 +117,18 @@ def main(argv: list[str] | None = None) -> int:
         return status
 
 
+def _reports() -> bool:
+    """Whether this process prints results: not a rank other than 0 of a distributed launch
+    (those print only their errors)."""
+    from xfer.distributed import launched_world
+
+    try:
+        world = launched_world()
+    except ValueError:
+        return True  # the run itself refuses the environment, in one line
+    return world is None or world.is_main
+
+
 def exit_status(error: Exception) -> int | None:
     """2 for bad input, 1 for a failed run, ``None`` for an error that is not xfer's to word
     (a bug: :func:`main` lets its traceback through).
@@ -121,8 +137,9 @@ def exit_status(error: Exception) -> int | None:
         >>> exit_status(FileNotFoundError("no such file")), exit_status(ZeroDivisionError())
         (2, None)
     """
+    from xfer.distributed import PeerLost
     from xfer.pipeline import NonFiniteLoss  # imports no framework
 
-    if isinstance(error, NonFiniteLoss):
+    if isinstance(error, (NonFiniteLoss, PeerLost)):
         return EXIT_FAILED
     return EXIT_BAD_INPUT if isinstance(error, BAD_INPUT) else None

@@ -22,7 +22,7 @@ from xfer.pipeline import presets
 from xfer.pipeline.callbacks import Callback, EpochProgress, NaNRollback, NonFiniteLoss, Progress
 from xfer.pipeline.checkpointing import Checkpointing, Interrupted
 from xfer.pipeline.history import EpochRecord, History, StageRecord
-from xfer.pipeline.loop import TransferPipeline, evaluate
+from xfer.pipeline.loop import RanksDiverged, TransferPipeline, evaluate
 from xfer.pipeline.stage import Stage, apply_stage, check_stage
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "NaNRollback",
     "NonFiniteLoss",
     "Progress",
+    "RanksDiverged",
     "Stage",
     "StageRecord",
     "TransferPipeline",

@@ -17,6 +17,7 @@ from xfer.checkpoint import (
     write_checkpoint,
 )
 from xfer.data import data_fingerprint
+from xfer.distributed import PeerLost
 from xfer.pipeline.callbacks import Callback, NonFiniteLoss
 from xfer.pipeline.history import History, StageRecord
 from xfer.pipeline.stage import Stage
@@ -88,6 +89,8 @@ class Checkpointing(Callback):
     def on_stage_end(
         self, pipeline: TransferPipeline, stage: Stage, index: int, record: StageRecord
     ) -> None:
+        if pipeline.world is not None and not pipeline.world.is_main:
+            return  # rank 0 writes; every rank can resume from it
         self._saving = True
         write_checkpoint(
             self.directory,
@@ -99,7 +102,7 @@ class Checkpointing(Callback):
         self._saving = False
 
     def on_exception(self, pipeline: TransferPipeline, index: int, error: BaseException) -> None:
-        if isinstance(error, NonFiniteLoss):
+        if isinstance(error, (NonFiniteLoss, PeerLost)):
             error.args = (f"{error.args[0]} {self._saved_so_far(pipeline.stages)}",)
         elif isinstance(error, KeyboardInterrupt) and not isinstance(error, Interrupted):
             raise self._interrupted(pipeline.stages, index) from error

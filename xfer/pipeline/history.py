@@ -67,6 +67,7 @@ class History:
     backend: str
     stages: list[StageRecord] = dataclasses.field(default_factory=list)
     device: str = ""
+    processes: int = 1  # data-parallel processes (torchrun), each on its own device
 
     @property
     def ok(self) -> bool:
@@ -93,7 +94,7 @@ class History:
             StageRecord(**{**s, "epochs": [EpochRecord(**e) for e in s["epochs"]]})
             for s in data["stages"]
         ]
-        return cls(data["backend"], stages, data.get("device", ""))
+        return cls(data["backend"], stages, data.get("device", ""), data.get("processes", 1))
 
     def __str__(self) -> str:
         header = (
@@ -123,4 +124,6 @@ class History:
                 s.cache.split(":")[0],
             ))  # fmt: skip
         where = f" on {self.device}" if self.device else ""
+        if self.processes > 1:
+            where += f" x {self.processes} processes"
         return f"{self.backend}{where}\n{table(header, rows)}"

@@ -8,7 +8,11 @@ while the pipeline trains, the first SIGINT only sets a flag; the stage loop loo
 between steps and stops there, cleanly, with everything finished saved. A second Ctrl-C
 raises at once, as usual, for a user who does not want to wait for the step.
 
-Nothing changes where xfer cannot own SIGINT: outside the main thread, or when the
+Under a launcher (``StopRequest(terminate=True)``), SIGTERM is such a request too: torchrun
+sends it to the other processes when one fails, and the run then stops at a step boundary
+with what it saved, instead of vanishing without a word.
+
+Nothing changes where xfer cannot own a signal: outside the main thread, or when the
 program installed its own handler.
 """
 
@@ -30,9 +34,10 @@ class StopRequest:
         ...         stop.check()          # raises KeyboardInterrupt after a Ctrl-C
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, terminate: bool = False) -> None:
         self.requested = False
-        self._previous = None
+        self._signals = (signal.SIGINT, signal.SIGTERM) if terminate else (signal.SIGINT,)
+        self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:  # the second Ctrl-C: the user does not want to wait
@@ -42,18 +47,18 @@ class StopRequest:
     def check(self) -> None:
         """Raise ``KeyboardInterrupt`` if a stop was requested."""
         if self.requested:
-            raise KeyboardInterrupt("stopped at a step boundary after Ctrl-C")
+            raise KeyboardInterrupt("stopped at a step boundary after Ctrl-C (or SIGTERM)")
 
     def __enter__(self) -> StopRequest:
-        owned = (
-            threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        )
-        if owned:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+        for number in self._signals:
+            if signal.getsignal(number) == defaults[number]:  # int 0 for SIG_DFL, at times
+                self._previous[number] = signal.signal(number, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous = {}

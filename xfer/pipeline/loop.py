@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from xfer import data as D
+from xfer import distributed as W
 from xfer._adapter import Adapter, StepOptions, find_adapter
 from xfer.pipeline import cache as C
 from xfer.pipeline.callbacks import Callback
@@ -51,6 +52,16 @@ class TransferPipeline:
     so), and ``compile_step=True`` turns on the framework's optional compiler
     (``torch.compile``; Keras ``jit_compile=True``; Flax steps are always ``nnx.jit``).
 
+    ``distributed="auto"`` (the default) trains data-parallel when a launcher started the
+    process (PyTorch: ``torchrun --nproc-per-node N``, which sets ``WORLD_SIZE``): every rank
+    takes its part of each global batch of the single-process batch order, the model is
+    wrapped in ``DistributedDataParallel`` per stage, after the stage's state is applied, a
+    stage with nothing to train adapts BN on the global batch's statistics, and rank 0 alone
+    reports and writes checkpoints; after each stage the ranks' weights are checked to be
+    bit-identical. ``sync_bn=True``: every training-mode BN normalises with the global
+    batch's statistics (else each rank's own part's, and rank 0's moving statistics are
+    kept, as DDP keeps them). See :mod:`xfer.distributed` and docs/distributed.md.
+
     Example:
         >>> import numpy as np, xfer
         >>> from xfer import select as S
@@ -85,9 +96,17 @@ class TransferPipeline:
         device: str = "auto",
         precision: str = "float32",
         compile_step: bool = False,
+        distributed: bool | str = "auto",
+        sync_bn: bool = False,
         callbacks: Sequence[Callback] = (),
     ):
         self.adapter = find_adapter(model)
+        self.world = W.resolve(distributed)  # None: one process
+        if not isinstance(sync_bn, bool):
+            raise TypeError(f"sync_bn must be True or False, got {sync_bn!r}.")
+        self.sync_bn = sync_bn
+        if self.world is not None and not self.world.is_main:
+            progress = None  # rank 0 reports
         check_options(
             self.adapter, stages, loss=loss, optimizer=optimizer, metrics=metrics,
             batch_size=batch_size, weight_decay=weight_decay, seed=seed, cache=cache,
@@ -137,16 +156,21 @@ class TransferPipeline:
             True
         """
         history = History(self.adapter.name, device=self._checked(train, val, resume))
+        history.processes = 1 if self.world is None else self.world.size
         self._placed = history.device
         self._emit("on_fit_start", history)
+        if self.world is not None:  # every rank starts from rank 0's (or the checkpoint's)
+            self.adapter.broadcast_model(self.model, self.world)
         index = start = len(history.stages)  # past the stages a checkpoint restored
         try:
-            with StopRequest() as self._stop:
+            with StopRequest(terminate=self.world is not None) as self._stop:
                 for index in range(start, len(self.stages)):
                     self._stop.check()
                     stage = self.stages[index]
                     history.stages.append(self._run_stage(index, stage, train, val))
                     self._emit("on_stage_end", stage, index, history.stages[-1])
+                    if self.world is not None:  # rank 0's checkpoint is written by now
+                        self.adapter.gather(None, self.world)
                     self._stop.check()
                 self._emit("on_fit_end", history)
         except BaseException as error:
@@ -189,8 +213,14 @@ class TransferPipeline:
         for stage in self.stages:
             check_stage(stage, units)
         check_data(self.adapter, self.model, train, val)
+        device = self.device
+        if self.world is not None:
+            if D.is_arrays(train):
+                sizes = [len(i) for i in D.batch_indices(len(train[1]), self.batch_size, (0,))]
+                W.check_batch_sizes(sizes, self.world)
+            device = self.adapter.join_world(self.world, device)
         self._emit("on_check", train, val, resume)
-        return self.adapter.place(self.model, self.device)
+        return self.adapter.place(self.model, device)
 
     def _emit(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
@@ -234,7 +264,25 @@ class TransferPipeline:
             if features is not None:
                 features.close()
         record.changed = changed_tensors(before, fingerprints(model, keys), keys)
+        if self.world is not None:
+            self._check_ranks_agree(stage, units)
         return record
+
+    def _check_ranks_agree(self, stage: Stage, units: list) -> None:
+        """Every rank holds the same weights after ``stage``, and then rank 0's BN
+        statistics (without ``sync_bn``, a training-mode BN's are each rank's own)."""
+        statistics = set(statistics_keys(units))
+        keys = [k for k, _ in self.adapter.tensors(self.model) if k not in statistics]
+        ranks = self.adapter.gather(fingerprints(self.model, keys), self.world)
+        differ = sorted({k for other in ranks[1:] for k in keys if other[k] != ranks[0][k]})
+        if differ:
+            raise RanksDiverged(
+                f"stage {stage.name!r}: the {self.world.size} processes hold different "
+                f"weights afterwards ({len(differ)} tensors, e.g. {', '.join(differ[:3])}); "
+                "xfer re-wraps the model per stage so that this cannot happen: please report "
+                "it, with the stages and the launcher's command."
+            )
+        self.adapter.broadcast_model(self.model, self.world)
 
     def _train_epochs(
         self,
@@ -252,7 +300,12 @@ class TransferPipeline:
             lr_groups=tuple((tuple(paths), lr) for paths, lr in groups),
             precision=self.precision, compile_step=self.compile_step,
         )  # fmt: skip
-        step = self.adapter.trainer(trained, options)
+        if self.world is None:
+            step = self.adapter.trainer(trained, options)
+        else:  # built now, after the stage's state: DDP registers what trains at the wrap
+            step = self.adapter.distributed_trainer(
+                trained, options, self.world, sync_bn=self.sync_bn
+            )
         # On a GPU, arrays that fit the memory budget go there once, not batch by batch (on
         # the CPU they are there already; a converted copy would only cost memory).
         on_device = None
@@ -290,6 +343,10 @@ class TransferPipeline:
         x_all, y_all = on_device
         indices = D.batch_indices(len(train[1]), self.batch_size, seed)
         return ((x_all[i], y_all[i]) for i in indices)
+
+
+class RanksDiverged(RuntimeError):
+    """The processes of a distributed run hold different weights after a stage."""
 
 
 def evaluate(
