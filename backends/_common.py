@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from xfer._adapter import (
@@ -79,6 +79,38 @@ def assemble(name: str, **modules: types.ModuleType) -> Adapter:
             value = getattr(module, member)
             namespace[member] = staticmethod(value) if callable(value) else value
     return type(f"{name.capitalize()}Adapter", (), namespace)()
+
+
+def single_process_only(backend: str) -> tuple[Callable, ...]:
+    """The ``Distributed`` members of a backend that cannot train across processes yet:
+    each refuses, before anything joins or trains, saying what to do instead.
+
+    Example:
+        >>> join_world, *_ = single_process_only("flax")
+        >>> join_world(None, "cpu")
+        Traceback (most recent call last):
+        ...
+        ValueError: flax: training across processes (WORLD_SIZE > 1, ...) is built for the ...
+    """
+    message = (
+        f"{backend}: training across processes (WORLD_SIZE > 1, a launcher such as torchrun) "
+        "is built for the torch backend only (JAX device meshes: not yet). Pass "
+        "distributed=False (or run one process) to train here."
+    )
+
+    def join_world(world, device: str) -> str:
+        raise ValueError(message)
+
+    def distributed_trainer(model, options, world, *, sync_bn: bool):
+        raise ValueError(message)
+
+    def broadcast_model(model, world) -> None:
+        raise ValueError(message)
+
+    def gather(value, world) -> list:
+        raise ValueError(message)
+
+    return join_world, distributed_trainer, broadcast_model, gather
 
 
 # depth -> (blocks per stage, block type); the torchvision / Keras-applications table.
