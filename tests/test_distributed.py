@@ -83,6 +83,27 @@ def test_keras_and_flax_refuse_a_launch_across_processes_before_training(kit, mo
     assert history.processes == 1
 
 
+def test_devices_that_this_process_does_not_have_are_refused_before_training(kit):
+    model = kit.model()
+    before = _unchanged(model)
+    pipe = xfer.TransferPipeline(model, [xfer.Stage("all")], devices=2)
+    with pytest.raises(ValueError, match="devices=2, but the .* backend can shard a batch over 1"):
+        pipe.fit(_data())
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("devices", [0, -1, 1.5, True, "2"])
+def test_a_bad_number_of_devices_is_refused_by_name(kit, devices):
+    with pytest.raises(ValueError, match="devices must be a positive integer or None"):
+        xfer.TransferPipeline(kit.model(), [xfer.Stage("all")], devices=devices)
+
+
+def test_devices_with_a_launcher_is_one_too_many(kit, monkeypatch):
+    _launched(monkeypatch)
+    with pytest.raises(ValueError, match="devices=2 and a launcher's 2 processes"):
+        xfer.TransferPipeline(kit.model(), [xfer.Stage("all")], devices=2)
+
+
 @pytest.mark.backends("torch")
 def test_torch_refuses_a_last_batch_too_small_to_split_before_joining(kit, monkeypatch):
     _launched(monkeypatch, WORLD_SIZE="4")
@@ -104,3 +125,10 @@ def test_the_cli_refuses_an_incomplete_launcher_environment_in_one_line(kit, mon
     assert main(["run", "--backend", backend, "--quick"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "LOCAL_RANK not set" in err[0], err
+
+
+def test_the_cli_refuses_devices_it_does_not_have_in_one_line(kit, capsys):
+    backend = _config.flavour(kit.id).backend
+    assert main(["run", "--backend", backend, "--devices", "2", "--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "devices=2, but the" in err[0], err

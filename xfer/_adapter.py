@@ -403,6 +403,21 @@ class Distributed(Protocol):
     def gather(self, value: Any, world: Any) -> list[Any]:
         """``value`` (picklable) from every rank, in rank order, on every rank."""
 
+    def device_count(self) -> int:
+        """How many devices one process can shard a batch over (JAX: its local devices;
+        PyTorch: 1, as torch trains one process per device)."""
+
+    def sharded_trainer(
+        self, model: Any, options: StepOptions, devices: int
+    ) -> Callable[[Any, Any], float]:
+        """A training step like ``Engine.trainer``'s, data-parallel in this process over
+        the first ``devices`` devices: the model's state replicated, each global batch
+        sharded along its first axis (its length a multiple of ``devices``), BN on the
+        global batch's statistics, so the step computes the one-device step. The step's
+        ``finish()`` puts the state back on the default device (the pipeline calls it
+        after the stage). A ``ValueError`` naming the alternative where the framework
+        cannot (PyTorch: torchrun)."""
+
 
 @runtime_checkable
 class Adapter(

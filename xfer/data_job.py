@@ -69,7 +69,7 @@ def run_on_data(
         resume: continue the run saved in ``checkpoint_dir``.
         export: an ``.onnx`` file to write the trained model to (:func:`export_after`).
         **options: ``preset``, ``bn``, ``seed``, ``progress``, ``quick``,
-            ``checkpoint_dir``, ``cache``, ``device``, ``recalibrate``, as for
+            ``checkpoint_dir``, ``cache``, ``device``, ``devices``, ``recalibrate``, as for
             :func:`transfer_pipeline`.
 
     Example:
@@ -97,6 +97,7 @@ def run_on_data(
         checkpoint_dir=arguments["checkpoint_dir"],
         cache=arguments["cache"],
         device=arguments["device"],
+        devices=arguments["devices"],
         recalibrate=arguments["recalibrate"],
     )
     pipe.check(images.train, images.val, resume=resume)

@@ -130,3 +130,56 @@ def check_batch_sizes(sizes: list[int], world: World, *, name: str = "train") ->
             f"batch size and a number of examples that leave at least {world.size} in the "
             "last batch, or fewer processes."
         )
+
+
+def check_devices(devices: object, world: World | None) -> int:
+    """``TransferPipeline(devices=...)`` as a number of devices (``None``: 1).
+
+    Example:
+        >>> check_devices(None, None), check_devices(2, None)
+        (1, 2)
+        >>> check_devices(2, World(0, 2))
+        Traceback (most recent call last):
+        ...
+        ValueError: devices=2 and a launcher's 2 processes: ...
+    """
+    if devices is None:
+        return 1
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"devices must be a positive integer or None, got {devices!r}.")
+    if devices > 1 and world is not None:
+        raise ValueError(
+            f"devices={devices} and a launcher's {world.size} processes: one or the other. "
+            "Under torchrun each process trains on one device (leave devices unset); "
+            "devices=N shards each batch over N devices of one process (JAX)."
+        )
+    return devices
+
+
+def check_sharding(sizes: list[int], devices: int, available: int, backend: str) -> None:
+    """Refuse ``devices`` that this process does not have, or batches that do not split
+    evenly over them.
+
+    Example:
+        >>> check_sharding([16, 4], 2, 2, "flax")
+        >>> check_sharding([16, 5], 2, 2, "flax")
+        Traceback (most recent call last):
+        ...
+        ValueError: devices=2: every batch is split evenly over the devices, but a batch ...
+    """
+    if devices > available:
+        raise ValueError(
+            f"devices={devices}, but the {backend} backend can shard a batch over "
+            f"{available} device(s) in this process. PyTorch trains one process per device: "
+            f"launch `torchrun --nproc-per-node {devices}` and leave devices unset. Keras "
+            "shards on the jax engine only. JAX on the CPU has one device unless "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} is set before it "
+            "starts."
+        )
+    uneven = [n for n in sizes if n % devices]
+    if uneven:
+        raise ValueError(
+            f"devices={devices}: every batch is split evenly over the devices, but a batch "
+            f"of this data has {uneven[0]} examples: choose a batch size and a number of "
+            f"examples that are multiples of {devices}."
+        )

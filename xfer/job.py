@@ -270,12 +270,14 @@ def transfer_pipeline(
     data: dict | None = None,
     head: bool | None = None,
     recalibrate: str | None = None,
+    devices: int | None = None,
 ) -> tuple[TransferPipeline, tuple, tuple]:
     """The pipeline of the transfer on the target task (its model freshly built on
     ``backend``, one of :data:`MODELS`), with the training and validation data.
     ``data``: the user's images instead (the options of :func:`load_data`), ``model``
     then anything :mod:`xfer.model_spec` builds, with ``head`` (random weights: the start
-    is imported after). ``recalibrate``: see :func:`stages_for`.
+    is imported after). ``recalibrate``: see :func:`stages_for`. ``devices``: data-parallel
+    over that many devices of this process (``TransferPipeline(devices=...)``).
 
     Example:
         >>> pipe, train, val = transfer_pipeline("torch", bn="adapt")
@@ -291,7 +293,7 @@ def transfer_pipeline(
         images = load_data(data, seed)
         net = data_model(backend, model, images, seed=seed, head=head)
         train, val = images.train, images.val
-    options = dict(checkpoint_dir=checkpoint_dir, cache=cache, device=device)
+    options = dict(checkpoint_dir=checkpoint_dir, cache=cache, device=device, devices=devices)
     pipe = pipeline_for(net, preset, bn, seed, quick, progress, recalibrate=recalibrate, **options)
     return pipe, train, val
 

@@ -226,3 +226,15 @@ def gather(value, world: World) -> list:
     with _peers(world):
         dist.all_gather_object(values, value)
     return values
+
+
+def device_count() -> int:
+    return 1  # one process per device: torchrun
+
+
+def sharded_trainer(model: nn.Module, options: StepOptions, devices: int):
+    raise ValueError(
+        f"devices={devices}: PyTorch trains one process per device, not several devices "
+        f"from one process: launch `torchrun --nproc-per-node {devices} ...` (xfer then "
+        "uses DistributedDataParallel; see docs/distributed.md) and leave devices unset."
+    )

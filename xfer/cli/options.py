@@ -41,6 +41,25 @@ def parse_seed(text: str) -> int:
     return value
 
 
+def parse_devices(text: str) -> int:
+    """argparse type of ``--devices``: how many devices to shard each batch over.
+
+    Example:
+        >>> parse_devices("2")
+        2
+        >>> parse_devices("0")
+        Traceback (most recent call last):
+        argparse.ArgumentTypeError: expected an integer >= 1 (devices), got '0'
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 (devices), got {text!r}")
+    return value
+
+
 def parse_tolerance(text: str) -> float:
     """argparse type of ``--tolerance`` and ``--accuracy-tolerance``: a finite number >= 0.
 

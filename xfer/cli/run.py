@@ -17,6 +17,7 @@ from xfer.cli.options import (
     add_transfer_options,
     chosen_backend,
     data_options,
+    parse_devices,
     transfer_options,
 )
 from xfer.cli.progress import terminal_progress
@@ -69,6 +70,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "cpu", "cuda"),
         default="auto",
         help="auto: CUDA when the framework sees a GPU",
+    )
+    parser.add_argument(
+        "--devices",
+        type=parse_devices,
+        default=None,
+        metavar="N",
+        help="data-parallel over N devices of this process (flax, keras on jax: each batch "
+        "sharded, BN on the whole batch); PyTorch: torchrun --nproc-per-node N -m xfer run",
     )
     add_backend(parser)
     add_data_options(parser)
@@ -132,6 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 resume=args.resume,
                 cache=args.cache,
                 device=args.device,
+                devices=args.devices,
                 weights_file=args.weights,
                 recalibrate=args.recalibrate,
                 export=args.export,
@@ -167,6 +177,7 @@ def _run_on_data(args: argparse.Namespace, backend: str, data: dict) -> int:
                 resume=args.resume,
                 cache=args.cache,
                 device=args.device,
+                devices=args.devices,
                 recalibrate=args.recalibrate,
                 export=args.export,
             )

@@ -68,6 +68,7 @@ class History:
     stages: list[StageRecord] = dataclasses.field(default_factory=list)
     device: str = ""
     processes: int = 1  # data-parallel processes (torchrun), each on its own device
+    devices: int = 1  # devices one process shards each batch over (a JAX mesh)
 
     @property
     def ok(self) -> bool:
@@ -94,7 +95,13 @@ class History:
             StageRecord(**{**s, "epochs": [EpochRecord(**e) for e in s["epochs"]]})
             for s in data["stages"]
         ]
-        return cls(data["backend"], stages, data.get("device", ""), data.get("processes", 1))
+        return cls(
+            data["backend"],
+            stages,
+            data.get("device", ""),
+            data.get("processes", 1),
+            data.get("devices", 1),
+        )
 
     def __str__(self) -> str:
         header = (
@@ -126,4 +133,6 @@ class History:
         where = f" on {self.device}" if self.device else ""
         if self.processes > 1:
             where += f" x {self.processes} processes"
+        if self.devices > 1:
+            where += f" x {self.devices} devices"
         return f"{self.backend}{where}\n{table(header, rows)}"

@@ -60,7 +60,10 @@ class TransferPipeline:
     reports and writes checkpoints; after each stage the ranks' weights are checked to be
     bit-identical. ``sync_bn=True``: every training-mode BN normalises with the global
     batch's statistics (else each rank's own part's, and rank 0's moving statistics are
-    kept, as DDP keeps them). See :mod:`xfer.distributed` and docs/distributed.md.
+    kept, as DDP keeps them). ``devices=N``: data-parallel in this one process over N
+    devices, the JAX way (Flax NNX: a device mesh; Keras on jax:
+    ``keras.distribution.DataParallel``): the state replicated, each batch sharded, BN on
+    the whole batch. See :mod:`xfer.distributed` and docs/distributed.md.
 
     Example:
         >>> import numpy as np, xfer
@@ -98,6 +101,7 @@ class TransferPipeline:
         compile_step: bool = False,
         distributed: bool | str = "auto",
         sync_bn: bool = False,
+        devices: int | None = None,
         callbacks: Sequence[Callback] = (),
     ):
         self.adapter = find_adapter(model)
@@ -105,6 +109,7 @@ class TransferPipeline:
         if not isinstance(sync_bn, bool):
             raise TypeError(f"sync_bn must be True or False, got {sync_bn!r}.")
         self.sync_bn = sync_bn
+        self.devices = W.check_devices(devices, self.world)
         if self.world is not None and not self.world.is_main:
             progress = None  # rank 0 reports
         check_options(
@@ -157,6 +162,7 @@ class TransferPipeline:
         """
         history = History(self.adapter.name, device=self._checked(train, val, resume))
         history.processes = 1 if self.world is None else self.world.size
+        history.devices = self.devices
         self._placed = history.device
         self._emit("on_fit_start", history)
         if self.world is not None:  # every rank starts from rank 0's (or the checkpoint's)
@@ -214,10 +220,13 @@ class TransferPipeline:
             check_stage(stage, units)
         check_data(self.adapter, self.model, train, val)
         device = self.device
+        sizes = []
+        if D.is_arrays(train):
+            sizes = [len(i) for i in D.batch_indices(len(train[1]), self.batch_size, (0,))]
+        if self.devices > 1:
+            W.check_sharding(sizes, self.devices, self.adapter.device_count(), self.adapter.name)
         if self.world is not None:
-            if D.is_arrays(train):
-                sizes = [len(i) for i in D.batch_indices(len(train[1]), self.batch_size, (0,))]
-                W.check_batch_sizes(sizes, self.world)
+            W.check_batch_sizes(sizes, self.world)
             device = self.adapter.join_world(self.world, device)
         self._emit("on_check", train, val, resume)
         return self.adapter.place(self.model, device)
@@ -300,12 +309,30 @@ class TransferPipeline:
             lr_groups=tuple((tuple(paths), lr) for paths, lr in groups),
             precision=self.precision, compile_step=self.compile_step,
         )  # fmt: skip
-        if self.world is None:
-            step = self.adapter.trainer(trained, options)
-        else:  # built now, after the stage's state: DDP registers what trains at the wrap
-            step = self.adapter.distributed_trainer(
+        if self.world is not None:  # built now, after the stage's state: DDP registers
+            step = self.adapter.distributed_trainer(  # what trains when it wraps
                 trained, options, self.world, sync_bn=self.sync_bn
             )
+        elif self.devices > 1:
+            step = self.adapter.sharded_trainer(trained, options, self.devices)
+        else:
+            step = self.adapter.trainer(trained, options)
+        try:
+            self._epochs(index, stage, step, trained, train, val_model, val, record)
+        finally:
+            getattr(step, "finish", lambda: None)()  # a sharded state back on one device
+
+    def _epochs(
+        self,
+        index: int,
+        stage: Stage,
+        step: Callable[[Any, Any], float],
+        trained: Any,
+        train: D.Data,
+        val_model: Any,
+        val: D.Data | None,
+        record: StageRecord,
+    ) -> None:
         # On a GPU, arrays that fit the memory budget go there once, not batch by batch (on
         # the CPU they are there already; a converted copy would only cost memory).
         on_device = None
