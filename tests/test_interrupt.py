@@ -59,3 +59,22 @@ def test_ctrl_c_mid_stage_exits_130_and_keeps_the_checkpoint_every_time(kit, tmp
         assert code == 130, f"try {attempt + 1}: exit {code}\n{err[-2000:]}"
         assert "Interrupted during stage 'finetune'" in err and "Traceback" not in err
         assert "--resume" in err or "resume" in err
+
+
+def test_under_a_launcher_sigterm_is_a_stop_request_and_the_handler_is_put_back():
+    """torchrun sends SIGTERM to the other processes when one fails: under a launcher it
+    stops the run at a step boundary, as Ctrl-C does; elsewhere it is left alone."""
+    import os
+    import signal
+
+    from xfer.pipeline.interrupt import StopRequest
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequest(terminate=True) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt, match="step boundary"):
+            stop.check()
+    assert signal.getsignal(signal.SIGTERM) == before
+    with StopRequest() as stop:  # one process: SIGTERM is not xfer's
+        assert signal.getsignal(signal.SIGTERM) == before

@@ -105,9 +105,7 @@ def distributed_trainer(
         return _statistics_step(model, world, autocast)
     opt = OPTIMIZERS[options.optimizer](groups, options.lr, options.weight_decay)
     wrapped = nn.parallel.DistributedDataParallel(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        gradient_as_bucket_view=True,  # no second copy of the gradients
+        model, device_ids=[device.index] if device.type == "cuda" else None
     )
     forward = torch.compile(wrapped) if options.compile_step else wrapped
 

@@ -228,6 +228,9 @@ class TransferPipeline:
         if self.world is not None:
             W.check_batch_sizes(sizes, self.world)
             device = self.adapter.join_world(self.world, device)
+            # Rank 0 may still be writing the checkpoint of a run that stopped (a rank that
+            # raised first left early): every rank reads the checkpoint after this barrier.
+            self.adapter.gather(None, self.world)
         self._emit("on_check", train, val, resume)
         return self.adapter.place(self.model, device)
 
