@@ -113,6 +113,36 @@ def single_process_only(backend: str) -> tuple[Callable, ...]:
     return join_world, distributed_trainer, broadcast_model, gather
 
 
+def use_jax_compile_cache() -> str | None:
+    """Turn on JAX's persistent compilation cache in xfer's cache directory (see
+    :mod:`xfer.compile_cache`) and return the directory JAX uses, ``None`` when off. A
+    directory the program chose itself is kept. Called when a JAX backend loads.
+
+    Example:
+        >>> use_jax_compile_cache()   # doctest: +SKIP
+        '/root/.cache/xfer/jax'
+    """
+    import jax
+
+    from xfer import compile_cache
+
+    if jax.config.jax_compilation_cache_dir:  # the program's own choice
+        return jax.config.jax_compilation_cache_dir
+    if not compile_cache.enabled():
+        return None
+    path = compile_cache.jax_directory()
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    # xfer's steps on small models compile in well under JAX's default threshold (1 s),
+    # and those are the compilations a transfer job repeats on every run.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    # JAX decides once whether to use the cache; a program that compiled before this
+    # backend loaded has decided "no" already.
+    from jax.experimental.compilation_cache import compilation_cache
+
+    compilation_cache.reset_cache()
+    return str(path)
+
+
 # depth -> (blocks per stage, block type); the torchvision / Keras-applications table.
 RESNET_STAGES = {18: ((2, 2, 2, 2), "basic"), 50: ((3, 4, 6, 3), "bottleneck")}
 EXPANSION = {"basic": 1, "bottleneck": 4}  # a block's output channels / its planes

@@ -16,6 +16,9 @@ from xfer._config import REGISTRY, is_installed, keras_engine
 
 # Keras writes ~/.keras unless KERAS_HOME points elsewhere.
 os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="xfer-keras-home-"))
+# xfer's cache (JAX's compiled programs: xfer.compile_cache) goes to ~/.cache/xfer unless
+# XFER_CACHE points elsewhere; the tests' child processes share this one.
+os.environ.setdefault("XFER_CACHE", tempfile.mkdtemp(prefix="xfer-cache-"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 

@@ -45,7 +45,7 @@ Example:
 
 from __future__ import annotations
 
-from xfer.backends._common import assemble
+from xfer.backends._common import assemble, use_jax_compile_cache
 from xfer.backends.flax import (
     distributed,
     engine,
@@ -74,6 +74,8 @@ __all__ = [
     "TransferHead",
     "TransferModel",
 ]
+
+use_jax_compile_cache()  # xfer.compile_cache: compiled steps kept between runs
 
 ADAPTER = assemble(
     "flax",

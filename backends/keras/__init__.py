@@ -41,7 +41,7 @@ import warnings
 
 import keras
 
-from xfer.backends._common import assemble
+from xfer.backends._common import assemble, use_jax_compile_cache
 
 KERAS_TESTED = ("3.8", "3.16")  # from 3.8 (pyproject's floor) up to, not including, 3.16
 
@@ -79,6 +79,9 @@ from xfer.backends.keras import (  # noqa: E402
     units,
     weights,
 )
+
+if keras.backend.backend() == "jax":
+    use_jax_compile_cache()  # xfer.compile_cache: compiled steps kept between runs
 
 ADAPTER = assemble(
     "keras",

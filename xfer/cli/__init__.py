@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         0
     """
     args = build_parser().parse_args(argv)
+    if getattr(args, "no_compile_cache", False):
+        from xfer.compile_cache import SWITCH
+
+        os.environ[SWITCH] = "0"  # before any backend loads; inherited by child processes
     try:
         with warnings.catch_warnings(), contextlib.ExitStack() as quiet:
             if not os.environ.get("XFER_DEBUG"):

@@ -86,6 +86,7 @@ def add_backend(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend", choices=_config.BACKENDS, help="default: XFER_BACKEND or the first installed"
     )
+    add_compile_cache(parser)
 
 
 def add_backends(
@@ -95,6 +96,18 @@ def add_backends(
     """``--backend B`` repeatable: the backends a command runs on (see
     :func:`chosen_backends`)."""
     parser.add_argument("--backend", action="append", choices=_config.BACKENDS, help=help_text)
+    add_compile_cache(parser)
+
+
+def add_compile_cache(parser: argparse.ArgumentParser) -> None:
+    """``--no-compile-cache``: JAX compiles afresh, without xfer's persistent compilation
+    cache (:mod:`xfer.compile_cache`; the command's child processes inherit it)."""
+    parser.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="JAX backends: do not use the persistent compilation cache in ~/.cache/xfer/jax "
+        "(XFER_CACHE moves it; XFER_COMPILE_CACHE=0 is the same switch)",
+    )
 
 
 def add_seed(parser: argparse.ArgumentParser, help_text: str | None = None) -> None:
