@@ -10,7 +10,7 @@ Example:
     >>> add_backends(parser)
     >>> add_seed(parser)
     >>> parser.parse_args(["--backend", "torch", "--backend", "flax", "--seed", "3"])
-    Namespace(backend=['torch', 'flax'], seed=3)
+    Namespace(backend=['torch', 'flax'], no_compile_cache=False, seed=3)
 """
 
 from __future__ import annotations
