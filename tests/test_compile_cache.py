@@ -16,8 +16,9 @@ RUN = """
 import sys, jax, xfer
 from xfer import job
 from xfer.subprocesses import answer
-if sys.argv[2] != "-":
-    jax.config.update("jax_compilation_cache_dir", sys.argv[2])   # the program's own
+if sys.argv[2] != "-":  # the program's own cache, which caches every compilation
+    jax.config.update("jax_compilation_cache_dir", sys.argv[2])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 result = job.run(sys.argv[1], quick=True)
 answer({"dir": jax.config.jax_compilation_cache_dir, "losses": result.history.losses()})
 """
