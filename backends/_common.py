@@ -94,8 +94,9 @@ def single_process_only(backend: str) -> tuple[Callable, ...]:
     """
     message = (
         f"{backend}: training across processes (WORLD_SIZE > 1, a launcher such as torchrun) "
-        "is built for the torch backend only (JAX device meshes: not yet). Pass "
-        "distributed=False (or run one process) to train here."
+        "is built for the torch backend only; on JAX, one process trains on several devices "
+        "with devices=N (xfer run --devices N). Pass distributed=False (or run one process) "
+        "to train here."
     )
 
     def join_world(world, device: str) -> str:

@@ -64,16 +64,16 @@ def test_the_main_job_on_two_processes_is_the_one_process_job(tmp_path):
     np.testing.assert_allclose(report0["val_losses"], one["val_losses"], rtol=1e-5)
     assert one["losses"][-1] < one["losses"][0] - 0.2  # it learnt: the comparison means something
     # The source base's BN statistics were pinned (frozen, then affine) all along.
-    weights, _ = _start()
+    weights = _start()
     for key in (k for k in weights if "moving_" in k):
         np.testing.assert_array_equal(rank0[key], weights[key])
 
 
-def _start() -> tuple[dict, None]:
+def _start() -> dict:
     from xfer import job
 
     weights, _ = job.pretrained("torch", 0)
-    return job.start_weights("torch", weights, 0), None
+    return job.start_weights("torch", weights, 0)
 
 
 def test_an_adapt_stage_trains_nothing_and_gives_every_rank_the_global_statistics(tmp_path):

@@ -30,7 +30,13 @@ import torch.distributed.nn.functional as dist_functional
 from torch import nn
 
 from xfer._adapter import StepOptions
-from xfer.backends.torch.engine import OPTIMIZERS, device_of, param_groups, to_device
+from xfer.backends.torch.engine import (
+    OPTIMIZERS,
+    device_of,
+    param_groups,
+    resolved_device,
+    to_device,
+)
 from xfer.distributed import PeerLost, World
 
 # How long a rank waits for the others at a collective before it gives up (a rank that
@@ -39,12 +45,7 @@ TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("XFER_DISTRIBUTED_TIME
 
 
 def join_world(world: World, device: str) -> str:
-    cuda = torch.cuda.is_available() and device != "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            "device='cuda', but torch sees no CUDA device (torch.cuda.is_available() is "
-            "False). Use device='auto' or 'cpu'."
-        )
+    cuda = resolved_device(device) == "cuda"
     if cuda:
         torch.cuda.set_device(world.local_rank)  # "cuda" is now this rank's own GPU
     # On the CPU, conv's backward gives a one-input-channel kernel's gradient strides of

@@ -159,15 +159,25 @@ def predict(model: nn.Module, x: np.ndarray, *, batch_size: int = PREDICT_CHUNK)
     return channels_last(torch.cat(out).cpu().numpy())
 
 
-def place(model: nn.Module, device: str) -> str:
+def resolved_device(device: str) -> str:
+    """``"cuda"`` or ``"cpu"`` for ``device`` (``"auto"``: CUDA when torch sees it); a
+    ``ValueError`` for ``"cuda"`` without CUDA.
+
+    Example:
+        >>> resolved_device("cpu")
+        'cpu'
+    """
     cuda = torch.cuda.is_available()
     if device == "cuda" and not cuda:
         raise ValueError(
             "device='cuda', but torch sees no CUDA device (torch.cuda.is_available() is "
             f"False; torch {torch.__version__}). Use device='auto' or 'cpu'."
         )
-    if device == "auto":
-        device = "cuda" if cuda else "cpu"
+    return "cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu"
+
+
+def place(model: nn.Module, device: str) -> str:
+    device = resolved_device(device)
     model.to(device)
     return device
 
