@@ -8,10 +8,11 @@ framework's layers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from xfer._adapter import (
@@ -41,7 +42,7 @@ CONTRACTS = {
 
 def contract_members(protocol: type) -> list[str]:
     """The names a module must define to implement ``protocol``: its methods, in the order
-    the Protocol declares them, and its data attributes (``Engine.mixed_precision``).
+    the Protocol declares them, and its data attributes (``Export.onnx_layout``).
 
     Example:
         >>> contract_members(Models)
@@ -278,3 +279,31 @@ def group_of_path(lr_groups: Sequence[tuple[Sequence[str], float]]) -> dict[str,
         for path in paths:
             found.setdefault(path, i)
     return found
+
+
+@contextlib.contextmanager
+def attribute_set(objects: Sequence[Any], name: str, value: Any) -> Iterator[None]:
+    """Set attribute ``name`` of every object to ``value`` for the ``with`` block, then put
+    each one's own value back (also when the block raises).
+
+    How Keras and Flax train one step in mixed precision: the computation dtype is an
+    attribute of each built layer (Keras's ``dtype_policy``, Flax's ``dtype``), read when
+    the layer is called, so the step sets it and evaluation keeps the model's own.
+
+    Example:
+        >>> import types
+        >>> layers = [types.SimpleNamespace(dtype="float32")]
+        >>> with attribute_set(layers, "dtype", "bfloat16"):
+        ...     layers[0].dtype
+        'bfloat16'
+        >>> layers[0].dtype
+        'float32'
+    """
+    saved = [getattr(item, name) for item in objects]
+    try:
+        for item in objects:
+            setattr(item, name, value)
+        yield
+    finally:
+        for item, own in zip(objects, saved, strict=True):
+            setattr(item, name, own)

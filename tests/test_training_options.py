@@ -1,5 +1,5 @@
-"""Training options of the pipeline: where it trains (``device``), mixed precision
-(``precision``) and the framework's optional compiler (``compile_step``)."""
+"""Training options of the pipeline: where it trains (``device``) and the framework's
+optional compiler (``compile_step``); mixed precision is tests/test_mixed_precision.py."""
 
 from __future__ import annotations
 
@@ -55,26 +55,6 @@ def _gpu(kit) -> bool:
     import jax
 
     return jax.default_backend() == "gpu"
-
-
-@pytest.mark.backends("torch")
-def test_torch_bfloat16_autocast_trains_float32_parameters_close_to_float32(kit):
-    plain, plain_history = _fit(kit)
-    mixed, history = _fit(kit, precision="bfloat16")
-    assert history.ok
-    weights = xfer.export_weights(mixed)
-    assert all(w.dtype == np.float32 for w in weights.values())
-    # bfloat16 keeps 8 bits of mantissa: close, not equal.
-    np.testing.assert_allclose(history.losses(), plain_history.losses(), atol=0.05)
-    assert history.losses() != plain_history.losses()
-
-
-@pytest.mark.backends("keras-jax", "keras-torch", "flax")
-def test_mixed_precision_where_it_is_chosen_at_build_time_says_how(kit):
-    with pytest.raises(ValueError, match="precision='bfloat16' on .*when (the layers are )?built"):
-        xfer.TransferPipeline(kit.model(), _stages(), precision="bfloat16")
-    with pytest.raises(ValueError, match="Unknown precision 'float16'"):
-        xfer.TransferPipeline(kit.model(), _stages(), precision="float16")
 
 
 @pytest.mark.backends("torch", "keras-torch")

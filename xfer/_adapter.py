@@ -95,8 +95,8 @@ class StepOptions:
 
     ``optimizer`` is one of :data:`OPTIMIZERS`; every parameter trains with ``lr`` except
     those of the units of each ``lr_groups`` entry (unit paths, lr; a unit in several
-    entries takes the first). ``precision="bfloat16"``: mixed precision, parameters in
-    float32 (asked only of an adapter whose ``mixed_precision`` is ``None``);
+    entries takes the first). ``precision="bfloat16"``: mixed precision, the step's
+    computation in bfloat16 by the framework's own mechanism, every variable in float32;
     ``compile_step``: the framework's optional compiler (``torch.compile``, Keras
     ``jit_compile=True``), where steps are not compiled anyway.
 
@@ -193,9 +193,6 @@ class Weights(Protocol):
 @runtime_checkable
 class Engine(Protocol):
     """Training and inference with the framework's own optimizer, loop and devices."""
-
-    # None when precision="bfloat16" works on any built model; else how the framework does it.
-    mixed_precision: str | None
 
     def fit(
         self,

@@ -84,6 +84,11 @@ def stage_config(stage: Any) -> dict[str, Any]:
     }
 
 
+# Pipeline settings that checkpoints of earlier xfer versions do not record, with the value
+# those runs had.
+_ADDED_SETTINGS = {"precision": "float32"}
+
+
 def run_config(
     stages: Sequence[Any],
     *,
@@ -94,6 +99,7 @@ def run_config(
     seed: int,
     backend: str,
     data: str,
+    precision: str = "float32",
 ) -> dict[str, Any]:
     """What a checkpoint compares on resume: every stage's config and the pipeline's.
 
@@ -113,6 +119,7 @@ def run_config(
         "seed": seed,
         "backend": backend,
         "data": data,
+        "precision": precision,
     }
     return {"stages": [stage_config(s) for s in stages], "pipeline": pipeline, "changes": []}
 
@@ -182,7 +189,8 @@ class Checkpoint:
                     for key, value in new.items()
                     if old.get(key) != value
                 ]
-        saved = self.manifest["pipeline"]
+        # A setting added after a checkpoint was written has its default there.
+        saved = {**_ADDED_SETTINGS, **self.manifest["pipeline"]}
         differences += [
             f"{key}: {saved.get(key)!r} in the checkpoint, {value!r} here"
             for key, value in config["pipeline"].items()

@@ -69,7 +69,8 @@ def run_on_data(
         resume: continue the run saved in ``checkpoint_dir``.
         export: an ``.onnx`` file to write the trained model to (:func:`export_after`).
         **options: ``preset``, ``bn``, ``seed``, ``progress``, ``quick``,
-            ``checkpoint_dir``, ``cache``, ``device``, ``devices``, ``recalibrate``, as for
+            ``checkpoint_dir``, ``cache``, ``device``, ``devices``, ``precision``,
+            ``recalibrate``, as for
             :func:`transfer_pipeline`.
 
     Example:
@@ -98,6 +99,7 @@ def run_on_data(
         cache=arguments["cache"],
         device=arguments["device"],
         devices=arguments["devices"],
+        precision=arguments["precision"],
         recalibrate=arguments["recalibrate"],
     )
     pipe.check(images.train, images.val, resume=resume)

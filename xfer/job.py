@@ -271,13 +271,15 @@ def transfer_pipeline(
     head: bool | None = None,
     recalibrate: str | None = None,
     devices: int | None = None,
+    precision: str = "float32",
 ) -> tuple[TransferPipeline, tuple, tuple]:
     """The pipeline of the transfer on the target task (its model freshly built on
     ``backend``, one of :data:`MODELS`), with the training and validation data.
     ``data``: the user's images instead (the options of :func:`load_data`), ``model``
     then anything :mod:`xfer.model_spec` builds, with ``head`` (random weights: the start
     is imported after). ``recalibrate``: see :func:`stages_for`. ``devices``: data-parallel
-    over that many devices of this process (``TransferPipeline(devices=...)``).
+    over that many devices of this process (``TransferPipeline(devices=...)``);
+    ``precision``: ``"bf16"`` for mixed precision (``TransferPipeline(precision=...)``).
 
     Example:
         >>> pipe, train, val = transfer_pipeline("torch", bn="adapt")
@@ -293,7 +295,10 @@ def transfer_pipeline(
         images = load_data(data, seed)
         net = data_model(backend, model, images, seed=seed, head=head)
         train, val = images.train, images.val
-    options = dict(checkpoint_dir=checkpoint_dir, cache=cache, device=device, devices=devices)
+    options = dict(
+        checkpoint_dir=checkpoint_dir, cache=cache, device=device, devices=devices,
+        precision=precision,
+    )  # fmt: skip
     pipe = pipeline_for(net, preset, bn, seed, quick, progress, recalibrate=recalibrate, **options)
     return pipe, train, val
 
@@ -510,8 +515,8 @@ def run(
         weights_file: neutral weights of the source model to start from.
         export: an ``.onnx`` file to write the transferred model to (:func:`export_after`).
         **options: those of :func:`transfer_pipeline` (``preset``, ``bn``, ``seed``,
-            ``progress``, ``quick``, ``checkpoint_dir``, ``cache``, ``device``), with its
-            defaults.
+            ``progress``, ``quick``, ``checkpoint_dir``, ``cache``, ``device``,
+            ``devices``, ``precision``), with its defaults.
 
     Example:
         >>> result = run("torch", bn="adapt", quick=True)

@@ -18,15 +18,9 @@ import optax
 from flax import nnx
 
 from xfer._adapter import ADAM_EPSILON, MOMENTUM, StepOptions
-from xfer.backends._common import group_of_path
+from xfer.backends._common import attribute_set, group_of_path
 from xfer.backends.flax.units import MODE_ATTRIBUTES
 from xfer.data import PREDICT_CHUNK, inference_chunks
-
-mixed_precision = (
-    "Flax NNX modules choose their computation dtype when built. Build them with "
-    "dtype=jnp.bfloat16 (parameters stay float32, param_dtype) and train with xfer's "
-    "default precision='float32'."
-)
 
 # optax transformations by xfer._adapter.OPTIMIZERS name: (learning rate, weight decay).
 _OPTIMIZERS = {
@@ -38,7 +32,8 @@ _OPTIMIZERS = {
 
 
 def _cross_entropy(model, x, y):
-    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+    logits = model(x).astype(jnp.float32)  # a no-op, except in mixed precision
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
 @nnx.jit
@@ -102,20 +97,38 @@ def fit(model, x, y, *, epochs, batch_size, lr, weight_decay) -> list[float]:
 
 
 def trainer(model: nnx.Module, options: StepOptions) -> Callable[[object, object], float]:
-    # The step is nnx.jit-compiled whatever ``compile_step`` says; ``precision`` is
-    # always float32 here (the pipeline refuses others, see ``mixed_precision``).
+    # The step is nnx.jit-compiled whatever ``compile_step`` says.
     tx = _transform(options)
     # Built compiled: eagerly, each zeros_like of the optimizer state compiles on its own.
     opt = nnx.jit(lambda m: nnx.Optimizer(m, tx, wrt=nnx.Param))(model)
+
+    # Mixed precision the Flax way: dtype=bfloat16 (the computation) on every layer that
+    # has one beside its param_dtype, which stays float32; BatchNorm reduces in float32.
+    # Set while a step runs: the dtype is static graph data, so nnx.jit compiles the step
+    # once for it, and evaluation keeps the model's own.
+    mixed = _float32_layers(model) if options.precision == "bfloat16" else []
 
     def step(x, y) -> float:
         model.train()
         if isinstance(x, np.ndarray):
             # Converted on the host: jnp.asarray(labels, int32) compiles a conversion.
             x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
-        return float(_train_step(model, opt, x, y))
+        with attribute_set(mixed, "dtype", jnp.bfloat16):
+            return float(_train_step(model, opt, x, y))
 
     return step
+
+
+def _float32_layers(model: nnx.Module) -> list[nnx.Module]:
+    """Flax's layers (Linear, Conv, BatchNorm, ...) that compute in float32: a ``dtype``
+    (None: the inputs' and parameters' dtype) beside a float32 ``param_dtype``."""
+    return [
+        module
+        for _, module in nnx.iter_modules(model)
+        if "param_dtype" in vars(module)
+        and jnp.dtype(module.param_dtype) == jnp.float32
+        and (module.dtype is None or jnp.dtype(module.dtype) == jnp.float32)
+    ]
 
 
 def to_device(model, x, y):

@@ -13,15 +13,9 @@ import keras
 import numpy as np
 
 from xfer._adapter import ADAM_EPSILON, MOMENTUM, StepOptions
-from xfer.backends._common import group_of_path
-from xfer.backends.keras.units import own_params, pin_state, units
+from xfer.backends._common import attribute_set, group_of_path
+from xfer.backends.keras.units import own_params, pin_state, units, walk
 from xfer.data import PREDICT_CHUNK, inference_chunks
-
-mixed_precision = (
-    "Keras chooses mixed precision when the layers are built. Build the model under "
-    "keras.config.set_dtype_policy('mixed_bfloat16') and train it with xfer's default "
-    "precision='float32'."
-)
 
 # (lr, weight decay) -> the optimizer; settings shared with the other backends.
 OPTIMIZERS = {
@@ -136,7 +130,6 @@ def fit(model, x, y, *, epochs, batch_size, lr, weight_decay) -> list[float]:
 
 
 def trainer(model, options: StepOptions):
-    # ``precision`` is always float32 here (the pipeline refuses others: mixed_precision).
     native = OPTIMIZERS[options.optimizer](options.lr, options.weight_decay)
     if options.lr_groups:
         scale_learning_rates(native, _lr_factors(model, options))
@@ -148,12 +141,25 @@ def trainer(model, options: StepOptions):
         jit_compile=True if options.compile_step else "auto",  # "auto": XLA on jax, eager on torch
     )
 
+    # Mixed precision the Keras way, on a built model: the mixed_bfloat16 policy (float32
+    # variables, bfloat16 computation) on every float32 layer while a step runs; BN computes
+    # its statistics in float32 and Keras's losses take float32. On jax the step is traced
+    # at its first call, under the policy; evaluation runs under the model's own.
+    mixed = _float32_layers(model) if options.precision == "bfloat16" else []
+
     def step(x, y) -> float:
         if isinstance(x, np.ndarray):
             x, y = np.asarray(x, "float32"), np.asarray(y)
-        return float(model.train_on_batch(x, y))
+        with attribute_set(mixed, "dtype_policy", "mixed_bfloat16"):
+            return float(model.train_on_batch(x, y))
 
     return step
+
+
+def _float32_layers(model) -> list:
+    """The layers the mixed_bfloat16 policy changes: float32 variables and computation
+    (a layer built mixed, quantized or integer keeps its own)."""
+    return [layer for layer in walk(model) if layer.dtype_policy.name == "float32"]
 
 
 def to_device(model, x, y):

@@ -19,8 +19,6 @@ from xfer.backends._common import group_of_path
 from xfer.backends.torch.units import modes_restored, own_params
 from xfer.data import PREDICT_CHUNK, inference_chunks
 
-mixed_precision = None  # autocast applies it to any model
-
 # optimizer name -> (parameter groups, lr, weight decay) -> torch optimizer
 OPTIMIZERS = {
     "sgd": lambda groups, lr, wd: torch.optim.SGD(groups, lr=lr),

@@ -79,6 +79,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="data-parallel over N devices of this process (flax, keras on jax: each batch "
         "sharded, BN on the whole batch); PyTorch: torchrun --nproc-per-node N -m xfer run",
     )
+    parser.add_argument(
+        "--precision",
+        choices=("float32", "bf16"),
+        default="float32",
+        help="bf16: mixed precision, the framework's own (torch autocast, Keras "
+        "mixed_bfloat16, Flax layer dtypes); weights, BN statistics and optimizer state "
+        "stay float32",
+    )
     add_backend(parser)
     add_data_options(parser)
     add_transfer_options(parser)
@@ -142,6 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 cache=args.cache,
                 device=args.device,
                 devices=args.devices,
+                precision=args.precision,
                 weights_file=args.weights,
                 recalibrate=args.recalibrate,
                 export=args.export,
@@ -178,6 +187,7 @@ def _run_on_data(args: argparse.Namespace, backend: str, data: dict) -> int:
                 cache=args.cache,
                 device=args.device,
                 devices=args.devices,
+                precision=args.precision,
                 recalibrate=args.recalibrate,
                 export=args.export,
             )

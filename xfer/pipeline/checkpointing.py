@@ -124,6 +124,7 @@ class Checkpointing(Callback):
             seed=pipeline.seed,
             backend=backend_id(pipeline.model),
             data=data_fingerprint(train),
+            precision=pipeline.precision,
         )
         checkpoint = read_checkpoint(self.directory)
         if checkpoint is None:

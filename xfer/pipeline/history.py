@@ -69,6 +69,7 @@ class History:
     device: str = ""
     processes: int = 1  # data-parallel processes (torchrun), each on its own device
     devices: int = 1  # devices one process shards each batch over (a JAX mesh)
+    precision: str = "float32"  # of the training steps ("bfloat16": mixed precision)
 
     @property
     def ok(self) -> bool:
@@ -101,6 +102,7 @@ class History:
             data.get("device", ""),
             data.get("processes", 1),
             data.get("devices", 1),
+            data.get("precision", "float32"),
         )
 
     def __str__(self) -> str:
@@ -135,4 +137,6 @@ class History:
             where += f" x {self.processes} processes"
         if self.devices > 1:
             where += f" x {self.devices} devices"
+        if self.precision != "float32":
+            where += f", {self.precision} mixed precision"
         return f"{self.backend}{where}\n{table(header, rows)}"

@@ -20,7 +20,7 @@ from xfer.pipeline.callbacks import Callback
 from xfer.pipeline.checkpointing import Checkpointing
 from xfer.pipeline.history import EpochRecord, History, StageRecord
 from xfer.pipeline.interrupt import StopRequest
-from xfer.pipeline.preflight import check_data, check_options, with_built_ins
+from xfer.pipeline.preflight import PRECISIONS, check_data, check_options, with_built_ins
 from xfer.pipeline.stage import Stage, apply_stage, check_stage
 from xfer.recalibration import recalibrate_bn, statistics_keys
 from xfer.state import changed_tensors, fingerprints, frozen_tensors
@@ -47,9 +47,12 @@ class TransferPipeline:
     ``device="auto"`` trains on CUDA when the framework sees a GPU, else on the CPU
     (PyTorch: the model is moved there; Keras and JAX place variables themselves, so
     ``"cpu"``/``"cuda"`` only check that they do). The history records the device.
-    ``precision="bfloat16"`` is mixed precision where the framework applies it to a built
-    model (PyTorch autocast; Keras and Flax choose it when the layers are built, and say
-    so), and ``compile_step=True`` turns on the framework's optional compiler
+    ``precision="bf16"`` (or ``"bfloat16"``) is mixed precision in each framework's own
+    way, for the training steps: PyTorch ``autocast``; Keras the ``mixed_bfloat16`` dtype
+    policy on every float32 layer; Flax ``dtype=bfloat16`` on every layer that has a
+    ``dtype`` (``param_dtype`` unchanged). Weights, BN moving statistics, frozen tensors and
+    the optimizer state stay float32; evaluation and the feature cache's pass run in the
+    model's own precision. ``compile_step=True`` turns on the framework's optional compiler
     (``torch.compile``; Keras ``jit_compile=True``; Flax steps are always ``nnx.jit``).
 
     ``distributed="auto"`` (the default) trains data-parallel when a launcher started the
@@ -122,7 +125,8 @@ class TransferPipeline:
         self.weight_decay, self.seed, self.progress = weight_decay, seed, progress
         self.cache, self.cache_memory = cache, cache_memory
         self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
-        self.device, self.precision, self.compile_step = device, precision, bool(compile_step)
+        self.device, self.compile_step = device, bool(compile_step)
+        self.precision = PRECISIONS[precision]  # bf16 -> bfloat16
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.callbacks = with_built_ins(
             callbacks, progress=progress, checkpoint_dir=self.checkpoint_dir
@@ -162,7 +166,7 @@ class TransferPipeline:
         """
         history = History(self.adapter.name, device=self._checked(train, val, resume))
         history.processes = 1 if self.world is None else self.world.size
-        history.devices = self.devices
+        history.devices, history.precision = self.devices, self.precision
         self._placed = history.device
         self._emit("on_fit_start", history)
         if self.world is not None:  # every rank starts from rank 0's (or the checkpoint's)

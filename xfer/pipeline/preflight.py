@@ -21,7 +21,9 @@ from xfer.pipeline.checkpointing import Checkpointing
 from xfer.pipeline.stage import Stage
 
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("float32", "bfloat16")
+# precision name -> the one the engines take; "bf16"/"fp32" are how the frameworks' docs
+# and command lines often write them.
+PRECISIONS = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 LOSSES = ("sparse_categorical_crossentropy",)
 METRICS = ("accuracy",)
 
@@ -90,10 +92,9 @@ def check_options(
         )
     if precision not in PRECISIONS:
         raise ValueError(
-            f"Unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}."
+            f"Unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)} "
+            "(bf16: mixed precision, the step computes in bfloat16, weights stay float32)."
         )
-    if precision != "float32" and adapter.mixed_precision:
-        raise ValueError(f"precision={precision!r} on {adapter.name}: {adapter.mixed_precision}")
     if cache_dir is not None and not os.path.isdir(cache_dir):
         raise FileNotFoundError(
             f"cache_dir {os.fspath(cache_dir)!r} is not a directory. Create it first, or "
