@@ -188,9 +188,13 @@ def bench(session: nox.Session) -> None:
     """xfer against each framework's own loop (benchmarks/run_all.py); not in the default run.
 
     nox -s bench -- --quick          # options after -- go to run_all.py / transfer.py
+    nox -s bench -- scaling          # benchmarks/scaling.py (or compile_cache), its options after
     """
     session.install(*CONSTRAINTS, ".[all]")
-    session.run("python", "benchmarks/run_all.py", *session.posargs)
+    script, args = "run_all", list(session.posargs)
+    if args and args[0] in ("scaling", "compile_cache"):
+        script = args.pop(0)
+    session.run("python", f"benchmarks/{script}.py", *args)
 
 
 @nox.session

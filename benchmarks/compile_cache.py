@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 
+from run_all import write_markdown
+
 from xfer.tables import table
 
 START, END = "<!-- bench:compile-cache:start -->", "<!-- bench:compile-cache:end -->"
@@ -86,12 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {b: measure(b, args.quick, args.repeats) for b in args.backends}
     text = markdown(results, args.quick, args.repeats)
     if args.markdown:
-        with open(args.markdown) as f:
-            page = f.read()
-        before, rest = page.split(START, 1)
-        _, after = rest.split(END, 1)
-        with open(args.markdown, "w") as f:
-            f.write(f"{before}{START}\n{text}\n{END}{after}")
+        write_markdown(args.markdown, text + "\n", START, END)
     print(text)
 
 

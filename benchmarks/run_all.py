@@ -152,11 +152,14 @@ def markdown(results: list[dict], command: str, seconds: float) -> str:
     return "\n".join([*lines, table(header, rows, markdown=True, right=numbers)]) + "\n"
 
 
-def write_markdown(path: str, text: str) -> None:
+def write_markdown(path: str, text: str, start: str = START, end: str = END) -> None:
+    """Write ``text`` to ``path``: between its ``start`` and ``end`` markers when it has
+    them (the rest of the page kept), else as the whole file. Every benchmark writes its
+    part of docs/benchmarks.md through this."""
     old = open(path).read() if os.path.exists(path) else ""
-    if START in old and END in old:
-        pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.DOTALL)
-        text = pattern.sub(lambda _: f"{START}\n{text}{END}", old, count=1)
+    if start in old and end in old:
+        pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
+        text = pattern.sub(lambda _: f"{start}\n{text}{end}", old, count=1)
     with open(path, "w") as out:
         out.write(text)
     print(f"wrote {path}")

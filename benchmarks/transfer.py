@@ -81,8 +81,10 @@ MEMORY_NOISE_TEXT = "xfer peak <= native peak x 1.02 + 1 MiB (the spread of repe
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 DEFAULTS = {"n": 1024, "size": 32, "width": 16, "depth": 18, "epochs1": 5, "epochs2": 2}
 # The job; a memory subprocess gets the same values.
-JOB_KEYS = ("n", "size", "width", "depth", "epochs1", "epochs2", "batch_size", "lr1", "lr2")
-CONFIG_KEYS = (*JOB_KEYS, "repeats", "memory_repeats", "cache")
+JOB_KEYS = (
+    "n", "size", "width", "depth", "epochs1", "epochs2", "batch_size", "lr1", "lr2", "precision",
+)  # fmt: skip
+CONFIG_KEYS = (*JOB_KEYS, "repeats", "memory_repeats", "cache", "stages", "compile_cache")
 QUICK = {"n": 128, "size": 32, "width": 8, "depth": 18, "epochs1": 2, "epochs2": 1}
 
 
@@ -102,6 +104,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr1", type=float, default=1e-3, help="stage 1 learning rate")
     parser.add_argument("--lr2", type=float, default=1e-4, help="stage 2 learning rate")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant (min)")
+    parser.add_argument(
+        "--stages", type=int, nargs="+", choices=(1, 2), default=[1, 2], help="stages to time"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("float32", "bf16"),
+        default="float32",
+        help="bf16: both variants in mixed precision (xfer precision='bf16'; native: torch "
+        "autocast, Keras mixed_bfloat16 layers, Flax layers with dtype=bfloat16)",
+    )
+    parser.add_argument(
+        "--compile-cache",
+        choices=("off", "warm"),
+        default="off",
+        help="JAX engines: off, every run compiles as a fresh process without xfer's "
+        "persistent compilation cache; warm, the cache (in a temporary directory) is on and "
+        "filled by the warm-up, as on a second run of a job",
+    )
     parser.add_argument(
         "--device",
         choices=("auto", "cpu"),
@@ -133,8 +153,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def configure_environment(backend: str, device: str) -> None:
+def configure_environment(backend: str, device: str, compile_cache: str = "off") -> None:
     """Everything the frameworks read once, at import: set before any of them is imported."""
+    if compile_cache == "off":
+        os.environ["XFER_COMPILE_CACHE"] = "0"
+    else:
+        os.environ["XFER_CACHE"] = tempfile.mkdtemp(prefix="xfer-bench-cache-")
     if device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ["JAX_PLATFORMS"] = "cpu"
@@ -197,7 +221,9 @@ class TorchBench:
         images = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
         return TensorDataset(self.torch.from_numpy(images), self.torch.from_numpy(y))
 
-    def native(self, model, dataset, *, stage: int, epochs: int, batch_size: int, lr: float):
+    def native(
+        self, model, dataset, *, stage: int, epochs: int, batch_size: int, lr: float, bf16: bool
+    ):
         torch, device = self.torch, self.device
         from torch import nn, optim
         from torch.utils.data import DataLoader
@@ -223,8 +249,10 @@ class TorchBench:
             for inputs, labels in loader:
                 inputs, labels = inputs.to(device), labels.to(device)
                 optimizer.zero_grad()
-                outputs = model(inputs)
-                loss = criterion(outputs, labels)
+                # The automatic-mixed-precision recipe: autocast the forward and the loss.
+                with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                    outputs = model(inputs)
+                    loss = criterion(outputs, labels)
                 loss.backward()
                 optimizer.step()
                 running_loss += loss.item() * inputs.size(0)
@@ -268,11 +296,18 @@ class KerasBench:
     def dataset(self, x, y):
         return x, y
 
-    def native(self, model, dataset, *, stage: int, epochs: int, batch_size: int, lr: float):
+    def native(
+        self, model, dataset, *, stage: int, epochs: int, batch_size: int, lr: float, bf16: bool
+    ):
         x, y = dataset
         keras = self.keras
         keras.utils.set_random_seed(0)  # fit's shuffling
         base_model, head = model.get_layer("base"), model.get_layer("head")
+        if bf16:
+            # What building under keras.config.set_dtype_policy("mixed_bfloat16") gives:
+            # float32 variables, bfloat16 computation (the model is built before the clock).
+            for layer in [base_model, head, *base_model._flatten_layers(), *head._flatten_layers()]:
+                layer.dtype_policy = "mixed_bfloat16"
         # The guide's model: the base called with training=False, the head on top.
         base_model.trainable = stage == 2
         inputs = keras.Input(shape=x.shape[1:])
@@ -326,13 +361,14 @@ class KerasBench:
 # The Flax NNX training loop of the docs (MNIST tutorial), one train step per stage: the
 # filter of what trains is static, so each is its own jitted function, as a user writes it.
 def _flax_steps():
+    import jax.numpy as jnp
     import optax
     from flax import nnx
 
     head_params = nnx.All(nnx.Param, nnx.PathContains("head"))
 
     def loss_fn(model, x, y):
-        logits = model(x)
+        logits = model(x).astype(jnp.float32)  # a no-op unless the layers compute in bf16
         return optax.softmax_cross_entropy_with_integer_labels(logits=logits, labels=y).mean()
 
     @nnx.jit
@@ -370,13 +406,20 @@ class FlaxBench:
     def dataset(self, x, y):
         return x, y
 
-    def native(self, model, dataset, *, stage: int, epochs: int, batch_size: int, lr: float):
+    def native(
+        self, model, dataset, *, stage: int, epochs: int, batch_size: int, lr: float, bf16: bool
+    ):
         x, y = dataset
         import jax.numpy as jnp
         import optax
         from flax import nnx
 
         wrt, train_step = self.steps[stage]
+        if bf16:
+            # What building the layers with dtype=jnp.bfloat16 gives (param_dtype float32).
+            for _, module in nnx.iter_modules(model):
+                if "param_dtype" in vars(module):
+                    module.dtype = jnp.bfloat16
         optimizer = nnx.Optimizer(model, optax.adam(lr), wrt=wrt)
         loss = None
         for epoch in range(epochs):
@@ -413,8 +456,11 @@ class FlaxBench:
 def make_bench(backend: str) -> TorchBench | KerasBench | FlaxBench:
     """The native side of ``backend`` (its environment is set: Keras knows its engine)."""
     if backend == "torch":
-        return TorchBench()
-    return KerasBench() if backend.startswith("keras-") else FlaxBench()
+        bench = TorchBench()
+    else:
+        bench = KerasBench() if backend.startswith("keras-") else FlaxBench()
+    bench.compiles = CompileCounter(backend)
+    return bench
 
 
 # --- Memory ---------------------------------------------------------------------------------
@@ -536,6 +582,8 @@ def pipeline_options(args) -> dict[str, Any]:
     import xfer
 
     options = {"optimizer": "adam", "batch_size": args.batch_size, "seed": 0}
+    if args.precision != "float32":
+        options["precision"] = args.precision
     if args.cache is not None:
         if "cache" not in inspect.signature(xfer.TransferPipeline).parameters:
             raise SystemExit(
@@ -557,8 +605,9 @@ def run_variant(bench, variant: str, stage: int, model, data: dict, args) -> dic
     lr = args.lr1 if stage == 1 else args.lr2
     if variant == "native":
         loss = bench.native(
-            model, data["native"], stage=stage, epochs=epochs, batch_size=args.batch_size, lr=lr
-        )
+            model, data["native"], stage=stage, epochs=epochs, batch_size=args.batch_size, lr=lr,
+            bf16=args.precision == "bf16",
+        )  # fmt: skip
         bench.sync()
         return {"loss": loss}
     import xfer
@@ -573,15 +622,54 @@ def run_variant(bench, variant: str, stage: int, model, data: dict, args) -> dic
     }
 
 
+class CompileCounter:
+    """On the JAX engines: how many XLA programs a run compiled, and how many of them came
+    from the persistent compilation cache, from JAX's own monitoring events. Counted per
+    run, it shows whether a stage compiles once per shape or again every epoch."""
+
+    PROGRAM = "/jax/core/compile/backend_compile_duration"  # compiled or loaded from the cache
+    CACHE_HIT = "/jax/compilation_cache/cache_hits"
+
+    def __init__(self, backend: str):
+        self.counts = {"programs": 0, "cache_hits": 0}
+        self.active = backend in ("keras-jax", "flax")
+        if self.active:
+            import jax
+
+            jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+            jax.monitoring.register_event_listener(self._on_event)
+
+    def _on_duration(self, event: str, _seconds: float, **_) -> None:
+        if event == self.PROGRAM:
+            self.counts["programs"] += 1
+
+    def _on_event(self, event: str, **_) -> None:
+        if event == self.CACHE_HIT:
+            self.counts["cache_hits"] += 1
+
+    def start(self) -> None:
+        self.counts = {"programs": 0, "cache_hits": 0}
+
+    def result(self) -> dict[str, int] | None:
+        """``{"compiled": n, "from_cache": m}`` since :meth:`start` (None off JAX)."""
+        if not self.active:
+            return None
+        hits = self.counts["cache_hits"]
+        return {"compiled": self.counts["programs"] - hits, "from_cache": hits}
+
+
 def timed(bench, variant: str, stage: int, models: list, data, args) -> tuple[float, dict]:
     """Seconds of one run on a model taken from ``models`` (built beforehand, see
-    :func:`build_models`), after clearing the compilation caches."""
+    :func:`build_models`), after clearing the compilation caches; the run's XLA programs
+    on the JAX engines (``info["compiles"]``)."""
     model = models.pop()
     gc.collect()
     bench.before_run()
+    bench.compiles.start()
     start = time.perf_counter()
     info = run_variant(bench, variant, stage, model, data, args)
-    return time.perf_counter() - start, info
+    seconds = time.perf_counter() - start
+    return seconds, {**info, "compiles": bench.compiles.result()}
 
 
 def build_models(bench, weights, args) -> list:
@@ -754,6 +842,8 @@ def summarize(stage: int, times: dict, memory: dict | None, runs: dict) -> dict[
         "xfer_loss": runs["xfer"]["loss"],
         "xfer_epoch_s": runs["xfer"]["epoch_s"],
         "cache": runs["xfer"]["cache"],
+        "native_compiles": runs["native"]["compiles"],
+        "xfer_compiles": runs["xfer"]["compiles"],
     }
     if memory:
         native_mib = memory["native"] / 2**20
@@ -811,8 +901,11 @@ def warm_up(bench, models: list, x, y, args) -> None:
     costs (lazy imports, thread pools) in its timed run. Compilation caches are cleared
     before every timed run, so each still pays its own compilation."""
     one_epoch = argparse.Namespace(**{**vars(args), "epochs1": 1, "epochs2": 1})
-    data = prepare(bench, x[: args.batch_size], y[: args.batch_size])
-    for stage in (1, 2):
+    # --compile-cache warm: one epoch on the whole data, which compiles every shape the
+    # timed runs meet (the last partial batch too) into the persistent cache.
+    n = len(x) if args.compile_cache == "warm" else args.batch_size
+    data = prepare(bench, x[:n], y[:n])
+    for stage in args.stages:
         for variant in ("native", "xfer"):
             timed(bench, variant, stage, models, data, one_epoch)
 
@@ -831,6 +924,10 @@ def time_stage(bench, stage: int, models: list, data: dict, args) -> tuple[dict,
             if variant == "xfer":
                 epochs = ", ".join(f"{s:.2f}" for s in runs[variant]["epoch_s"])
                 line += f"  epochs [{epochs}] s  cache: {runs[variant]['cache']}"
+            if runs[variant]["compiles"] is not None:
+                line += "  XLA programs: {compiled} compiled, {from_cache} from the cache".format(
+                    **runs[variant]["compiles"]
+                )
             print(line, flush=True)
     return times, runs
 
@@ -862,7 +959,7 @@ def benchmark(args) -> dict[str, Any]:
     warm_up(bench, models, x, y, args)
     data = prepare(bench, x, y)
     stages, method = [], "not measured (--no-memory)"
-    for stage in (1, 2):
+    for stage in args.stages:
         times, runs = time_stage(bench, stage, models, data, args)
         memory = None
         if not args.no_memory:
@@ -919,7 +1016,7 @@ def profile(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    configure_environment(args.backend, args.device)
+    configure_environment(args.backend, args.device, args.compile_cache)
     if args.measure_memory:
         print(json.dumps(measure_memory(args)))
         return
