@@ -215,9 +215,11 @@ def test_the_readme_data_example_is_what_a_fresh_run_prints(kit, tmp_path, monke
     # The head-only stage reproduces to 1e-4 on any CPU. The unfrozen stage trains a randomly
     # initialised CNN for 20 epochs, which amplifies float reduction order (thread count, the
     # CPU's SIMD kernels): measured 0.800 / 0.833 / 0.867 val acc with 1, 2 threads and another
-    # x86 CPU, loss within 0.015. So it is held to 0.03 loss and 5 of the 60 images, which a
-    # wrong BN policy, optimiser or split still breaks.
-    tolerances = ((0.005, 0.005, 0.005), (0.03, 0.03, 5 / 60))
+    # x86 CPU, loss within 0.015, and on an AVX2-only AMD EPYC (Zen 3) loss 0.2827 and val loss
+    # 0.4669 against the README's 0.2942 / 0.5171. So it is held to 0.03 loss, 0.1 val loss and
+    # 5 of the 60 images, which a wrong BN policy, optimiser or split still breaks (another BN
+    # policy on this job: val loss 1.00 to 2.26).
+    tolerances = ((0.005, 0.005, 0.005), (0.03, 0.1, 5 / 60))
     for readme_row, now, tolerance in zip(rows, fresh, tolerances, strict=True):
         for said, got, within in zip(map(float, readme_row), now, tolerance, strict=True):
             assert got == pytest.approx(said, abs=within), (

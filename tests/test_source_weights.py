@@ -64,9 +64,10 @@ def test_xfer_pretrain_remakes_the_source_model_and_run_uses_it(kit, tmp_path, c
         # The recipe of the shipped file: bit-equal on the machine that made it. Another CPU
         # picks other oneDNN kernels (another summation order), and eight epochs of Adam grow
         # that float32 rounding: measured on an AMD EPYC, weights up to 0.1 apart (the conv
-        # biases before BN, which only rounding noise moves) and 0.967 for the shipped 0.978.
-        # Hence the same recipe's accuracy, not the same weights.
-        assert report["source_accuracy"] == pytest.approx(0.9779, abs=0.02)
+        # biases before BN, which only rounding noise moves) and 0.967 for the shipped 0.978,
+        # and 0.956 on an AVX2-only EPYC (Zen 3). Hence the same recipe's accuracy, within 8
+        # of the 181 images, not the same weights; a broken recipe is far off (chance: 0.2).
+        assert report["source_accuracy"] == pytest.approx(0.9779, abs=0.045)
     # The other frameworks' Adam put epsilon elsewhere: other weights, same recipe. That is
     # why the package ships one file instead of pretraining on each backend.
     run_args = ["run", "--backend", _backend(kit), "--weights", str(out), "--quick"]

@@ -36,6 +36,7 @@ from xfer.backends.torch.engine import (
     param_groups,
     resolved_device,
     to_device,
+    training_mode,
 )
 from xfer.distributed import PeerLost, World
 
@@ -102,6 +103,7 @@ def distributed_trainer(
     device = device_of(model)
     bfloat16 = options.precision == "bfloat16"
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=bfloat16)
+    enter_training = training_mode(model)
     if not groups:  # nothing trains: BN statistics only, always from the global batch
         return _statistics_step(model, world, autocast)
     opt = OPTIMIZERS[options.optimizer](groups, options.lr, options.weight_decay)
@@ -111,7 +113,7 @@ def distributed_trainer(
     forward = torch.compile(wrapped) if options.compile_step else wrapped
 
     def step(x, y) -> float:
-        model.train()
+        enter_training()
         opt.zero_grad()
         x, y, count = _local_part(model, x, y, world)
         with _peers(world):
@@ -127,8 +129,10 @@ def distributed_trainer(
 
 
 def _statistics_step(model: nn.Module, world: World, autocast) -> Callable[[object, object], float]:
+    enter_training = training_mode(model)
+
     def step(x, y) -> float:
-        model.train()
+        enter_training()
         x, y, count = _local_part(model, x, y, world)
         with _peers(world), torch.no_grad(), autocast, _global_bn(model, True):
             summed = nn.functional.cross_entropy(model(x), y, reduction="sum")

@@ -109,17 +109,45 @@ def fit(model, x, y, *, epochs, batch_size, lr, weight_decay) -> list[float]:
     return losses
 
 
+def training_mode(model: nn.Module) -> Callable[[], None]:
+    """What a step calls first to train ``model``: ``model.train()`` on its first call,
+    then again only when the model has left training mode.
+
+    ``model.train()`` walks every module (1 ms on a small ResNet, 4 % of its CPU step). The
+    first call puts every unit the stage does not pin in training mode (a pin of an earlier
+    stage may have left one in eval); between steps only the pipeline's evaluation takes the
+    model out of training, with ``model.eval()`` on the whole model, which the root's flag
+    shows. Pinned units keep their own mode either way.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2)).eval()
+        >>> enter = training_mode(net)
+        >>> enter(); net.training
+        True
+    """
+    first = True
+
+    def enter() -> None:
+        nonlocal first
+        if first or not model.training:
+            model.train()
+            first = False
+
+    return enter
+
+
 def trainer(model: nn.Module, options: StepOptions) -> Callable[[object, object], float]:
     groups = param_groups(model, options)
     device = device_of(model)
     # Mixed precision the PyTorch way: autocast the forward pass, parameters in float32.
     bfloat16 = options.precision == "bfloat16"
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=bfloat16)
+    enter_training = training_mode(model)
     if not groups:
         # Nothing trains (a stage that only adapts BN statistics): torch.optim refuses an
         # empty parameter list, and the training-mode forward alone updates the statistics.
         def forward_only(x, y) -> float:
-            model.train()
+            enter_training()
             if not isinstance(x, torch.Tensor):
                 x, y = to_device(model, x, y)
             with torch.no_grad(), autocast:
@@ -130,7 +158,7 @@ def trainer(model: nn.Module, options: StepOptions) -> Callable[[object, object]
     forward = torch.compile(model) if options.compile_step else model  # shares the parameters
 
     def step(x, y) -> float:
-        model.train()
+        enter_training()
         opt.zero_grad()
         if not isinstance(x, torch.Tensor):  # else already on the device (to_device)
             x, y = to_device(model, x, y)
