@@ -58,7 +58,8 @@ EXPORT = "tests/test_export.py"
 def _make_tests(backend: str, extras: list[str], env: dict[str, str]):
     @nox.session(name=f"tests-{backend}")
     def tests(session: nox.Session) -> None:
-        session.install(*CONSTRAINTS, f".[{','.join([*extras, 'dev'])}]")
+        # report: matplotlib, for the benchmark scripts' plots (tests/test_benchmarks.py).
+        session.install(*CONSTRAINTS, f".[{','.join([*extras, 'report', 'dev'])}]")
         keras_home = tempfile.mkdtemp(prefix="xfer-keras-")
         session.run(
             "pytest",

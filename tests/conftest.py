@@ -8,6 +8,7 @@ tests Keras on one engine only.
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 
 import pytest
@@ -20,6 +21,11 @@ os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="xfer-keras-home-"))
 # XFER_CACHE points elsewhere; the tests' child processes share this one.
 os.environ.setdefault("XFER_CACHE", tempfile.mkdtemp(prefix="xfer-cache-"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Started in the background by a shell without job control (`nohup ... &`), the tests
+# inherit SIGINT ignored, and Python then installs no KeyboardInterrupt handler: the Ctrl-C
+# tests need what a terminal gives (their child processes then inherit the default too).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _available() -> list[str]:
