@@ -131,11 +131,16 @@ def test_the_readme_main_job_numbers_are_what_a_fresh_run_prints(
     ]
     assert len(rows) == len(fresh) == 2
     # The README is torch's run; every backend starts from the same weights and batches, so
-    # the same numbers (within float32 drift) are expected here too. +-0.005 still catches
-    # the drift a stale cached source model caused (0.967 vs 0.978, 1.3176 vs 1.2240).
+    # the same numbers (within float32 drift) are expected here too. +-0.005 (the head) still
+    # catches the drift a stale cached source model caused (0.967 vs 0.978, 1.3176 vs 1.2240).
+    # The fine-tune stage trains the whole CNN, which grows the CPU's summation order:
+    # Keras on torch on an AVX2-only EPYC (Zen 3) gave val loss 1.0479 for the README's
+    # 1.0422, hence +-0.01 there, still a tenth of that drift.
     assert result["source_accuracy"] == pytest.approx(source, abs=0.005)
-    for stage, readme, now in zip(("head", "finetune"), rows, fresh, strict=True):
-        assert now == pytest.approx(readme, abs=0.005), (
+    for stage, readme, now, within in zip(
+        ("head", "finetune"), rows, fresh, (0.005, 0.01), strict=True
+    ):
+        assert now == pytest.approx(readme, abs=within), (
             f"{stage}: README says loss/val loss/val acc {readme}, a fresh run gives "
             f"{tuple(round(v, 4) for v in now)}; rerun scripts/readme_numbers.py"
         )
