@@ -199,7 +199,7 @@ def plot(rows: list[dict], path: str) -> None:
             line(axes[0], b, points, "epochs", style, f"{b}, {n} images")
         for stage, style in ((1, "-"), (2, "--")):
             points = [
-                r for r in mine if r["stage"] == stage and r["depth"] == 18 and r["epochs"] in (5, 1)
+                r for r in mine if r["stage"] == stage and r["depth"] == 18
                 and (stage == 2 or r["epochs"] == 5)
             ]  # fmt: skip
             line(axes[1], b, points, "images", style, f"{b}, stage {stage}")

@@ -306,7 +306,7 @@ class KerasBench:
         if bf16:
             # What building under keras.config.set_dtype_policy("mixed_bfloat16") gives:
             # float32 variables, bfloat16 computation (the model is built before the clock).
-            for layer in [base_model, head, *base_model._flatten_layers(), *head._flatten_layers()]:
+            for layer in [*base_model._flatten_layers(), *head._flatten_layers()]:  # self too
                 layer.dtype_policy = "mixed_bfloat16"
         # The guide's model: the base called with training=False, the head on top.
         base_model.trainable = stage == 2

@@ -1,7 +1,7 @@
 """The benchmark scripts run end to end, on tiny jobs (the tests never look at the times):
 ``benchmarks/gpu.sh --tiny`` (what a GPU machine runs, here on the CPU) and
 ``benchmarks/scaling.py --quick``. That a stage compiles once, not per epoch, is
-tests/test_compile_cache.py."""
+tests/test_compiles_per_stage.py."""
 
 from __future__ import annotations
 
