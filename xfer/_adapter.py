@@ -216,6 +216,14 @@ class Engine(Protocol):
         ``to_device`` gives them), runs the framework's training mode, mean softmax
         cross-entropy on logits, one update, and returns the loss computed before the
         update.
+
+        Where the framework compiles a loop (the JAX engines), the step also has
+        ``run_steps(x, y, order, count) -> list[float]``: ``count`` steps as one call of a
+        compiled program, step ``i`` on the batch ``x[order[i]], y[order[i]]`` of the
+        arrays ``to_device`` gave; ``order`` is an integer array of one shape for every
+        call (its rows from ``count`` on are padding), and the losses are each step's, as
+        the step returns them. The pipeline uses it for a head stage on cached features,
+        whose steps are too small to be worth a call each.
         """
 
     def to_device(self, model: Any, x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:

@@ -36,11 +36,32 @@ def _cross_entropy(model, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-@nnx.jit
-def _train_step(model, optimizer, x, y):
+def _update(model, optimizer, x, y):
     loss, grads = nnx.value_and_grad(_cross_entropy)(model, x, y)
     optimizer.update(model, grads)
     return loss
+
+
+_train_step = nnx.jit(_update)
+
+
+@nnx.jit
+def _train_steps(model, optimizer, x_all, y_all, order, count):
+    # ``count`` steps in one program, step i on the batch ``order[i]``: the model and the
+    # optimizer cross into lax.fori_loop as NNX state (Flax's nnx.split / nnx.merge). A
+    # traced count: one compilation for every chunk of the stage, the epoch's last included.
+    graphdef, state = nnx.split((model, optimizer))
+
+    def body(i, carry):
+        state, losses = carry
+        model, optimizer = nnx.merge(graphdef, state)
+        loss = _update(model, optimizer, x_all[order[i]], y_all[order[i]])
+        return nnx.state((model, optimizer)), losses.at[i].set(loss)
+
+    losses = jnp.zeros(order.shape[0], jnp.float32)
+    state, losses = jax.lax.fori_loop(0, count, body, (state, losses))
+    nnx.update((model, optimizer), state)
+    return losses
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -116,6 +137,12 @@ def trainer(model: nnx.Module, options: StepOptions) -> Callable[[object, object
         with attribute_set(mixed, "dtype", jnp.bfloat16):
             return float(_train_step(model, opt, x, y))
 
+    def run_steps(x_all, y_all, order, count) -> list[float]:
+        model.train()
+        with attribute_set(mixed, "dtype", jnp.bfloat16):
+            return np.asarray(_train_steps(model, opt, x_all, y_all, order, count))[:count].tolist()
+
+    step.run_steps = run_steps
     return step
 
 

@@ -153,7 +153,51 @@ def trainer(model, options: StepOptions):
         with attribute_set(mixed, "dtype_policy", "mixed_bfloat16"):
             return float(model.train_on_batch(x, y))
 
+    if keras.backend.backend() == "jax":
+        step.run_steps = _compiled_steps(model, mixed)
     return step
+
+
+def _compiled_steps(model, mixed: list):
+    """The step's ``run_steps`` on the jax engine: Keras's own stateless ``train_step`` (what
+    ``train_on_batch`` jits) in a ``lax.fori_loop``, the state carried through as in Keras's
+    guide to a JAX training loop and assigned back to the variables after the program."""
+    import jax
+    import jax.numpy as jnp
+
+    def steps(state, metrics, x_all, y_all, order, count):
+        def body(i, carry):
+            (trainable, non_trainable, optimizer), losses = carry
+            batch = (x_all[order[i]], y_all[order[i]])
+            logs, (trainable, non_trainable, optimizer, _) = model.train_step(
+                (trainable, non_trainable, optimizer, metrics), batch
+            )
+            return (trainable, non_trainable, optimizer), losses.at[i].set(logs["loss"])
+
+        losses = jnp.zeros(order.shape[0], jnp.float32)
+        return jax.lax.fori_loop(0, count, body, (state, losses))
+
+    compiled = jax.jit(steps, donate_argnums=0)  # the state, as train_on_batch donates it
+
+    def run_steps(x_all, y_all, order, count) -> list[float]:
+        if not model.optimizer.built:  # as train_on_batch builds it, and Keras's JAX guide
+            model.optimizer.build(model.trainable_variables)
+        groups = (
+            model.trainable_variables,
+            model.non_trainable_variables,
+            model.optimizer.variables,
+        )
+        model.reset_metrics()  # each step's logs["loss"] is its batch's, as train_on_batch's
+        state = tuple([v.value for v in group] for group in groups)
+        metrics = [v.value for v in model.metrics_variables]
+        with attribute_set(mixed, "dtype_policy", "mixed_bfloat16"):  # traced under it
+            state, losses = compiled(state, metrics, x_all, y_all, order, count)
+        for group, values in zip(groups, state, strict=True):
+            for variable, value in zip(group, values, strict=True):
+                variable.assign(value)
+        return np.asarray(losses)[:count].tolist()
+
+    return run_steps
 
 
 def _float32_layers(model) -> list:

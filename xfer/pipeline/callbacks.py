@@ -104,7 +104,12 @@ class Callback:
         step: int,
         loss: float,
     ) -> None:
-        """A training step is done; ``loss`` is its batch's mean loss. Raise to stop."""
+        """A training step is done; ``loss`` is its batch's mean loss. Raise to stop.
+
+        On the JAX engines a head stage on cached features runs its steps in compiled
+        chunks (``xfer.pipeline.loop.STEPS_PER_PROGRAM`` at a time): this hook then hears of
+        each of the chunk's steps in order, with its own loss, after the chunk ran. A raise
+        stops the epoch all the same (NaNRollback puts back the epoch's start)."""
 
     def on_train_error(
         self,

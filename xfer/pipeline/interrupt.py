@@ -5,7 +5,8 @@ arrives. On the JAX engines that is often inside a jitted dispatch, and unwindin
 there (then tearing JAX down) crashes the process with a segmentation fault about one
 time in three (measured on jax 0.10 with a plain NNX loop too, no xfer code in it). So,
 while the pipeline trains, the first SIGINT only sets a flag; the stage loop looks at it
-between steps and stops there, cleanly, with everything finished saved. A second Ctrl-C
+between steps and stops there, cleanly, with everything finished saved (on the JAX
+engines, a head stage on cached features, between its compiled chunks of steps). A second Ctrl-C
 raises at once, as usual, for a user who does not want to wait for the step.
 
 Under a launcher (``StopRequest(terminate=True)``), SIGTERM is such a request too: torchrun

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,11 @@ from xfer.pipeline.preflight import PRECISIONS, check_data, check_options, with_
 from xfer.pipeline.stage import Stage, apply_stage, check_stage
 from xfer.recalibration import recalibrate_bn, statistics_keys
 from xfer.state import changed_tensors, fingerprints, frozen_tensors
+
+# Training steps per call of a step's compiled program (``run_steps``): long enough that
+# the call's cost vanishes beside a head's steps, short enough that Ctrl-C and the
+# callbacks' on_step_end (a NaN) are heard within a fraction of an epoch.
+STEPS_PER_PROGRAM = 64
 
 
 class TransferPipeline:
@@ -275,7 +280,9 @@ class TransferPipeline:
                 if features.val is not None:
                     val_model, val = features.suffix, features.val
             self._emit("on_stage_start", stage, index, trained)
-            self._train_epochs(index, stage, trained, train, val_model, val, groups, record)
+            self._train_epochs(
+                index, stage, trained, train, val_model, val, groups, record, features is not None
+            )
         finally:
             if features is not None:
                 features.close()
@@ -310,6 +317,7 @@ class TransferPipeline:
         val: D.Data | None,
         groups: list[tuple[list[str], float]],
         record: StageRecord,
+        cached: bool,
     ) -> None:
         options = StepOptions(
             stage.optimizer or self.optimizer, stage.lr, weight_decay=self.weight_decay,
@@ -325,7 +333,7 @@ class TransferPipeline:
         else:
             step = self.adapter.trainer(trained, options)
         try:
-            self._epochs(index, stage, step, trained, train, val_model, val, record)
+            self._epochs(index, stage, step, trained, train, val_model, val, record, cached)
         finally:
             getattr(step, "finish", lambda: None)()  # a sharded state back on one device
 
@@ -339,21 +347,26 @@ class TransferPipeline:
         val_model: Any,
         val: D.Data | None,
         record: StageRecord,
+        cached: bool,
     ) -> None:
-        # On a GPU, arrays that fit the memory budget go there once, not batch by batch (on
-        # the CPU they are there already; a converted copy would only cost memory).
+        # Arrays that fit the memory budget go to the device once, not batch by batch: on a
+        # GPU, and where the step runs chunks of steps as one compiled program (the JAX
+        # engines) on the cached features of a stage. Images on the CPU are there already,
+        # and a converted copy would only cost memory.
+        run_steps = getattr(step, "run_steps", None) if cached else None
         on_device = None
-        if self._placed != "cpu" and D.is_arrays(train) and train[0].nbytes <= self.cache_memory:
-            on_device = self.adapter.to_device(trained, *train)
+        if (self._placed != "cpu" or run_steps) and D.is_arrays(train):
+            if train[0].nbytes <= self.cache_memory:
+                on_device = self.adapter.to_device(trained, *train)
         for epoch in range(1, stage.epochs + 1):
             self._emit("on_epoch_start", stage, index, epoch)
             start, total, seen = time.perf_counter(), 0.0, 0
             try:
-                batches = self._batches(train, on_device, (self.seed, index, epoch - 1))
-                for i, (x, y) in enumerate(batches, 1):
-                    loss = step(x, y)
+                seed = (self.seed, index, epoch - 1)
+                steps = self._steps(step, run_steps, train, on_device, seed)
+                for i, (loss, size) in enumerate(steps, 1):
                     self._emit("on_step_end", stage, index, epoch, i, loss)
-                    total, seen = total + loss * len(y), seen + len(y)
+                    total, seen = total + loss * size, seen + size
                     self._stop.check()
             except Exception as error:
                 # NaN, or a framework error mid-epoch (a bad batch, out of memory): the
@@ -371,12 +384,33 @@ class TransferPipeline:
             record.epochs.append(EpochRecord(epoch, total / seen, val_loss, val_accuracy, seconds))
             self._emit("on_epoch_end", stage, index, record.epochs[-1])
 
-    def _batches(self, train: D.Data, on_device: tuple | None, seed: tuple) -> Any:
+    def _steps(
+        self, step: Callable[[Any, Any], float], run_steps: Callable | None, train: D.Data,
+        on_device: tuple | None, seed: tuple,
+    ) -> Iterator[tuple[float, int]]:  # fmt: skip
+        """Train one epoch, yielding each step's loss and batch size in the batch order;
+        with ``run_steps``, the full batches of the arrays on the device in chunks of
+        :data:`STEPS_PER_PROGRAM` steps, each chunk one call of the compiled program."""
         if on_device is None:
-            return D.batches(train, self.batch_size, seed)
+            for x, y in D.batches(train, self.batch_size, seed):
+                yield step(x, y), len(y)
+            return
         x_all, y_all = on_device
-        indices = D.batch_indices(len(train[1]), self.batch_size, seed)
-        return ((x_all[i], y_all[i]) for i in indices)
+        indices = list(D.batch_indices(len(train[1]), self.batch_size, seed))
+        full = 0  # the batches run by the compiled program: all but an odd-sized last one
+        if run_steps is not None:
+            full = sum(len(i) == self.batch_size for i in indices)
+        for start in range(0, full, STEPS_PER_PROGRAM):
+            # One shape for every chunk: rows past ``count`` are padding the program skips.
+            chunk = indices[start : min(start + STEPS_PER_PROGRAM, full)]
+            order = np.zeros((STEPS_PER_PROGRAM, self.batch_size), np.int32)
+            order[: len(chunk)] = chunk
+            for loss in run_steps(x_all, y_all, order, len(chunk)):
+                yield loss, self.batch_size
+        if run_steps is not None:  # an odd-sized last batch from the host: a gather on
+            x_all, y_all = D.arrays(train)  # the device would compile for its shape
+        for i in indices[full:]:
+            yield step(x_all[i], y_all[i]), len(i)
 
 
 class RanksDiverged(RuntimeError):
