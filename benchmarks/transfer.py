@@ -67,9 +67,9 @@ from xfer.tables import table
 
 BACKENDS = LABELS
 NUM_CLASSES = 10
-# Stage 1 at least 3x faster than native; stage 2 no slower than 1.1x native; memory no
+# Stage 1 at least 3x faster than native; stage 2 no slower than 1.05x native; memory no
 # higher than native.
-TARGET_SPEEDUP = {1: 3.0, 2: 1 / 1.1}
+TARGET_SPEEDUP = {1: 3.0, 2: 1 / 1.05}
 TARGET_MEMORY_RATIO = 1.0
 # Repeated runs of one variant spread by up to ~1 MiB (a few % on the JAX engines) in peak
 # memory, so xfer within 2 % + 1 MiB of native counts as met; the table shows both peaks.
@@ -862,7 +862,7 @@ def summarize(stage: int, times: dict, memory: dict | None, runs: dict) -> dict[
 
 
 def target_text(stage: int) -> str:
-    return ">= 3x faster" if stage == 1 else "<= 1.1x native time"
+    return ">= 3x faster" if stage == 1 else "<= 1.05x native time"
 
 
 def print_table(result: dict[str, Any]) -> None:

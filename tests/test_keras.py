@@ -368,3 +368,28 @@ def test_private_keras_module_layout_that_mode_free_reads(kit):
     assert type(model).__module__.startswith("keras.src.models.")
     found = {u.path: u for u in units.units(model)}
     assert units.mode_free(found["base.block1"]) and not units.mode_free(found["base.block1.bn"])
+
+
+def test_output_shape_is_read_from_a_built_model_and_traced_for_any_other(kit):
+    # A functional model's output shape is Keras's own, computed when it was built (no
+    # trace); a subclassed model, or an input the model does not declare, is traced.
+    import keras
+
+    from xfer.backends.keras.engine import _declared_output_shape, output_shape, predict
+
+    model = kit.model()
+    x, _ = data(3)
+    assert _declared_output_shape(model, x) == predict(model, x).shape == (3, 4)
+    assert _declared_output_shape(model, x[..., :2]) is None  # 2 channels, 3 declared
+
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(5)
+
+        def call(self, inputs):
+            return self.dense(keras.ops.mean(inputs, axis=(1, 2)))
+
+    subclassed = Subclassed()
+    assert _declared_output_shape(subclassed, x) is None
+    assert output_shape(subclassed, x) == (3, 5)
