@@ -132,7 +132,8 @@ def markdown(results: list[dict], command: str, seconds: float) -> str:
     for result in results:
         for row in result["stages"]:
             stage = "1 head (frozen base)" if row["stage"] == 1 else "2 fine-tune"
-            target = ">= 3x" if row["stage"] == 1 else ">= 0.95x (<= 1.05x time)"
+            goal = row["speedup_target"]  # transfer.py's TARGET_SPEEDUP, one place
+            target = f">= {goal:g}x" if goal >= 1 else f">= {goal:.2f}x (<= {1 / goal:g}x time)"
             ratio = f"{row['memory_ratio']:.2f}" if "memory_ratio" in row else "-"
             rows.append((
                 result["backend"],
