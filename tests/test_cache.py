@@ -133,6 +133,20 @@ def test_torch_no_autograd_graph_through_the_frozen_base(kit):
     assert seen[-2:] == [False, True]
 
 
+@pytest.mark.backends("torch")
+def test_torch_every_forward_of_a_cached_stage_has_the_training_batch_shape(kit):
+    # The probes (the data check's output shape, the cache's first batch) run on a training
+    # batch: each other shape would fill oneDNN's primitive cache (~1 MiB a shape) or
+    # cuDNN's plans, which the framework's own loop does not.
+    model = kit.model(seed=3)
+    seen = []
+    for module in (model, model.base, model.head):
+        module.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    history = xfer.TransferPipeline(model, _stages()[:1], batch_size=8).fit(data(32))
+    assert history.stages[0].cache.startswith("memory")
+    assert seen and set(seen) == {8}, seen
+
+
 @pytest.mark.backends("keras-jax", "keras-torch")
 def test_keras_a_functional_model_with_a_branch_is_not_cached(kit):
     import keras

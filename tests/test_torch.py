@@ -68,6 +68,30 @@ def test_native_parent_train_undoes_child_eval_but_not_an_xfer_pin(kit):
     )
 
 
+def test_predict_runs_the_pinned_modes_without_the_pin_hooks_and_puts_them_back(kit):
+    # predict lifts the pins' hooks for its forwards (PyTorch's fast call path), with
+    # every pinned mode applied once; the hooks, a user's among them, come back in order.
+    x, _ = data(12)
+    model = kit.model(dropout=0.5)
+    xfer.set_mode(model, "inference", S.path("base.**"))
+    xfer.set_mode(model, "train", S.path("head.drop"))
+    seen = []
+    model.base.block1.bn.register_forward_pre_hook(
+        lambda m, args: seen.append((m.training, len(m._forward_pre_hooks)))
+    )
+    hooks = {name: list(m._forward_pre_hooks.values()) for name, m in model.named_modules()}
+    assert len(hooks["base.block1.bn"]) == 2
+    adapter = xfer._adapter.find_adapter(model)
+    first, second = (adapter.predict(model, x, batch_size=4) for _ in range(2))
+    assert seen == [(False, 1)] * 6  # 2 predicts of 3 chunks: the user's hook alone
+    assert not np.allclose(first, second)  # the head's Dropout pinned to train draws masks
+    assert {n: list(m._forward_pre_hooks.values()) for n, m in model.named_modules()} == hooks
+    model.train()  # and the pins hold again in the user's own loop
+    with torch.no_grad():
+        model(_nchw(kit)[0])
+    assert seen[-1] == (False, 2) and int(model.base.block1.bn.num_batches_tracked) == 0
+
+
 def test_pinned_model_still_deepcopies_and_pickles(kit, tmp_path):
     import copy
 

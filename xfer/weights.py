@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from xfer._adapter import Adapter, find_adapter
+from xfer._checks import all_finite
 from xfer.files import write_arrays
 
 FORMAT = "xfer-neutral-weights/1"
@@ -259,12 +260,14 @@ def _refuse_values(
     """Refuse values that would load fine and then wreck training, where the loss curve
     would blame the learning rate: NaN/inf, finite values that overflow the model's dtype,
     and negative BN moving variances (the square root of one is NaN)."""
-    non_finite = [k for k in prepared if not _finite(given[k])]
-    overflow = [k for k in prepared if k not in non_finite and not _finite(prepared[k])]
+    non_finite = [k for k in prepared if not all_finite(given[k])]
+    overflow = [k for k in prepared if k not in non_finite and not all_finite(prepared[k])]
     negative = [
         k
         for k in prepared
-        if k.rsplit(".", 1)[-1] in _VARIANCES and _finite(prepared[k]) and (prepared[k] < 0).any()
+        if k.rsplit(".", 1)[-1] in _VARIANCES
+        and all_finite(prepared[k])
+        and (prepared[k] < 0).any()
     ]
     if non_finite or overflow or negative:
         dtypes = sorted({str(prepared[k].dtype) for k in overflow})
@@ -285,14 +288,6 @@ def _refuse_values(
 
 
 _VARIANCES = ("moving_variance", "running_var")
-
-
-def _finite(array: np.ndarray) -> bool:
-    if array.dtype.kind in "biu":
-        return True
-    if array.dtype.kind != "f":  # e.g. ml_dtypes bfloat16
-        array = array.astype("float32")
-    return bool(np.isfinite(array).all())
 
 
 def _as_array(value: Any) -> np.ndarray | None:

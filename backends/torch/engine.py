@@ -16,7 +16,7 @@ from torch import nn
 
 from xfer._adapter import ADAM_EPSILON, MOMENTUM, StepOptions
 from xfer.backends._common import group_of_path
-from xfer.backends.torch.units import modes_restored, own_params
+from xfer.backends.torch.units import modes_restored, own_params, pins_applied
 from xfer.data import PREDICT_CHUNK, inference_chunks
 
 # optimizer name -> (parameter groups, lr, weight decay) -> torch optimizer
@@ -180,7 +180,7 @@ def predict(model: nn.Module, x: np.ndarray, *, batch_size: int = PREDICT_CHUNK)
     model.eval()
     device = device_of(model)
     chunks = inference_chunks(x, pad=False, size=batch_size)
-    with torch.no_grad():
+    with torch.no_grad(), pins_applied(model):  # no mode changes between these forwards
         out = [model(to_tensor(c, device)) for c, _ in chunks]
     return channels_last(torch.cat(out).cpu().numpy())
 

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from xfer._checks import all_finite
+
 Batches = Iterable[tuple[np.ndarray, np.ndarray]]
 Data = tuple[np.ndarray, np.ndarray] | Batches
 
@@ -84,7 +86,7 @@ def check(data: Data, *, name: str, num_classes: int, in_channels: int) -> None:
                 f"{name}: images must be (batch, height, width, {in_channels}) channels-last, "
                 f"got shape {x.shape}. Transpose NCHW data with x.transpose(0, 2, 3, 1)."
             )
-        if not np.isfinite(x).all():
+        if not all_finite(x):  # no boolean temporary the size of the data set
             raise ValueError(
                 f"{name}: {int(np.size(x) - np.isfinite(x).sum())} image values are NaN or "
                 "infinite. Clean or drop those images (on the JAX backends a NaN can slip "

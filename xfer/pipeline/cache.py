@@ -40,7 +40,6 @@ from xfer._adapter import Adapter, Unit
 
 CACHE_SETTINGS = ("auto", "off")
 DEFAULT_MEMORY = 1 << 30  # bytes of features kept in memory before spilling to disk
-_CHECK = 4  # training images on which the split is checked against the whole model
 _BATCHES_PER_CALL = 8  # batches of features computed per call to the prefix
 
 
@@ -121,10 +120,13 @@ def prepare(
         return None, f"off: {split}"
     prefix, suffix, suffix_path = split
     x, y = train
-    probe = _forward(adapter, prefix, x[:_CHECK], batch_size)
+    # The pass's first batch, which also sizes the cache: probes of the training batch's
+    # shape fill no shape-keyed cache of the framework (oneDNN's primitives on the CPU, about
+    # 1 MiB a shape; cuDNN's plans; XLA's programs) that the stage's steps do not fill anyway.
+    first = _forward(adapter, prefix, x[:batch_size], batch_size)
     if _declared(model) and not np.allclose(
-        adapter.predict(suffix, probe, batch_size=batch_size),
-        adapter.predict(model, x[:_CHECK], batch_size=batch_size),
+        adapter.predict(suffix, first, batch_size=batch_size),
+        adapter.predict(model, x[:batch_size], batch_size=batch_size),
         rtol=1e-4,
         atol=1e-5,
     ):
@@ -133,7 +135,7 @@ def prepare(
             "children before it, so its forward does more than the chain"
         )
     arrays = [("train", train)] + ([("val", val)] if val is not None and D.is_arrays(val) else [])
-    per_image = int(np.prod(probe.shape[1:])) * 4
+    per_image = int(np.prod(first.shape[1:])) * 4
     nbytes = sum(len(data[0]) for _, data in arrays) * per_image
     where, folder = "memory", None
     if nbytes > memory:
@@ -152,17 +154,20 @@ def prepare(
     cached = {}
     try:
         for name, (images, labels) in arrays:
-            shape = (len(images), *probe.shape[1:])
+            shape = (len(images), *first.shape[1:])
             if folder is None:
                 out = np.empty(shape, "float32")
             else:
                 out = np.lib.format.open_memmap(
                     os.path.join(folder, f"{name}.npy"), "w+", "float32", shape
                 )
+            done = 0
+            if name == "train":
+                out[: len(first)], done = first, len(first)
             # A few batches per call: fewer calls, each with its own overhead (converting,
             # walking a Flax module graph), and little memory for their outputs.
             rows = _BATCHES_PER_CALL * batch_size
-            for i in range(0, len(images), rows):
+            for i in range(done, len(images), rows):
                 out[i : i + rows] = _forward(adapter, prefix, images[i : i + rows], batch_size)
             cached[name] = (out, labels)
     except BaseException:

@@ -227,7 +227,7 @@ class TransferPipeline:
         units = self.adapter.units(self.model)
         for stage in self.stages:
             check_stage(stage, units)
-        check_data(self.adapter, self.model, train, val)
+        check_data(self.adapter, self.model, train, val, batch_size=self.batch_size)
         device = self.device
         sizes = []
         if D.is_arrays(train):

@@ -119,8 +119,16 @@ def _check_weight_decay(weight_decay: object, optimizer: str, stages: Sequence[S
         )
 
 
-def check_data(adapter: Adapter, model: Any, train: D.Data, val: D.Data | None) -> None:
+def check_data(
+    adapter: Adapter, model: Any, train: D.Data, val: D.Data | None, *, batch_size: int = 1
+) -> None:
     """Refuse training (and validation) data that do not fit the model's inputs and outputs.
+
+    The model's output shape comes from a probe on the first ``batch_size`` training
+    images: the pipeline passes its batch size, so that where the probe runs the model (an
+    eager PyTorch forward) it has the shape of the training steps, and fills no shape-keyed
+    cache of the framework (oneDNN's primitives, about 1 MiB a shape; cuDNN's plans) that the
+    steps would not fill anyway.
 
     Example:
         >>> import numpy as np, xfer
@@ -132,21 +140,21 @@ def check_data(adapter: Adapter, model: Any, train: D.Data, val: D.Data | None) 
         ...
         ValueError: train: labels must lie in [0, 4) ...
     """
-    num_classes, in_channels = _model_shape(adapter, model, train)
+    num_classes, in_channels = _model_shape(adapter, model, train, batch_size)
     D.check(train, name="train", num_classes=num_classes, in_channels=in_channels)
     if val is not None:
         D.check(val, name="val", num_classes=num_classes, in_channels=in_channels)
 
 
-def _model_shape(adapter: Adapter, model: Any, train: D.Data) -> tuple[int, int]:
-    """(number of classes, input channels), from the model's output shape on one image."""
+def _model_shape(adapter: Adapter, model: Any, train: D.Data, batch_size: int) -> tuple[int, int]:
+    """(number of classes, input channels), from the model's output on the first images."""
     x = D.first_images(train, name="train")
     if x.ndim != 4:
         raise ValueError(
             f"train: images must be (batch, height, width, channels), got shape {x.shape}."
         )
     try:
-        logits = adapter.output_shape(model, np.asarray(x[:1], "float32"))
+        logits = adapter.output_shape(model, np.asarray(x[:batch_size], "float32"))
     except Exception as error:
         raise ValueError(
             f"train: the model does not accept images of shape {x.shape[1:]}; they must be "
